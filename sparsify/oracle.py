@@ -1,0 +1,134 @@
+"""Comparison of our forward pass with llama.cpp's (through llama-cpp-python, when installed).
+
+llama.cpp quantizes activations inside its matrix products, so its logits differ slightly from a
+float32 computation; the measures here are the ones the project's bounds are stated in: top-1
+agreement per position and mean KL(llama.cpp || ours) in nats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+# Varied prompts for the live comparison: prose, code, numbers, non-English text.
+PROMPTS = (
+    "The history of the bicycle begins in the early nineteenth century, when",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "In 1969, 600 million people watched as 2 astronauts walked on the Moon; the mission cost",
+    "La ville de Paris est connue pour ses musées, ses cafés et",
+    "Question: What is the boiling point of water at sea level?\nAnswer:",
+)
+
+
+@dataclass
+class OracleResult:
+    model: str
+    prompts: int
+    positions: int
+    top1_agreement: float
+    worst_prompt_top1: float
+    mean_kl: float
+    max_kl: float
+    greedy_equal_prefix: list[int]
+    greedy_tokens: int
+
+
+def llamacpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    # llama.cpp's C code prints to fd 2 regardless of verbose=False during some calls.
+    fd = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def open_llama(path: str, n_ctx: int = 512, n_threads: int = 2):
+    import llama_cpp
+
+    with _quiet_stderr():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
+                               n_batch=n_ctx, logits_all=True, verbose=False)
+
+
+def llamacpp_logits(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits (T, V) for ``ids`` evaluated as one batch from an empty context."""
+    llm.reset()
+    with _quiet_stderr():
+        llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def llamacpp_greedy(llm, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from llama.cpp (argmax of its logits, one token per step)."""
+    llm.reset()
+    out: list[int] = []
+    with _quiet_stderr():
+        llm.eval(ids)
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+            llm.eval([tok])
+    return out
+
+
+def kl_rows(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row, in nats, from logits (T, V)."""
+    lp = p_logits - np.logaddexp.reduce(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def compare(loaded, model, prompts=PROMPTS, greedy_tokens: int = 24) -> OracleResult:
+    """Our float32 forward against llama.cpp on ``prompts``; see :class:`OracleResult`."""
+    from .generate import generate
+
+    llm = open_llama(str(loaded.path))
+    try:
+        tok = loaded.tokenizer
+        agree = total = 0
+        worst = 1.0
+        kls: list[np.ndarray] = []
+        prefixes = []
+        for text in prompts:
+            ids = tok.encode(text)
+            with torch.inference_mode():
+                ours = model.forward(torch.tensor([ids]))[0].double().numpy()
+            theirs = llamacpp_logits(llm, ids)
+            a = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            agree += a
+            total += len(ids)
+            worst = min(worst, a / len(ids))
+            kls.append(kl_rows(theirs, ours))
+            mine = list(generate(model, ids, greedy_tokens))
+            ref = llamacpp_greedy(llm, ids, greedy_tokens)
+            same = next((i for i, (x, y) in enumerate(zip(mine, ref)) if x != y), len(mine))
+            prefixes.append(same)
+    finally:
+        with _quiet_stderr():
+            llm.close()
+    kl = np.concatenate(kls)
+    return OracleResult(
+        model=loaded.path.name, prompts=len(prompts), positions=total,
+        top1_agreement=agree / total, worst_prompt_top1=worst, mean_kl=float(kl.mean()),
+        max_kl=float(kl.max()), greedy_equal_prefix=prefixes, greedy_tokens=greedy_tokens,
+    )
+
+
+def as_dict(r: OracleResult) -> dict:
+    return asdict(r)
