@@ -85,7 +85,7 @@ class TensorInfo:
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer; every failure is a SparsifyError."""
 
-    def __init__(self, buf: memoryview | bytes, path: str) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, path: str) -> None:
         self.buf = buf
         self.pos = 0
         self.path = path
@@ -116,7 +116,7 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
         self.need(n, what)
-        raw = bytes(self.buf[self.pos:self.pos + n])
+        raw = self.buf[self.pos:self.pos + n]
         self.pos += n
         try:
             return raw.decode("utf-8")
@@ -139,7 +139,7 @@ class _Cursor:
             if pos + n > size:
                 self.pos = pos
                 self.need(n, f"{what}[{i}]")
-            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            out.append(buf[pos:pos + n].decode("utf-8", "replace"))
             pos += n
         self.pos = pos
         return out
@@ -213,7 +213,9 @@ class GGUFFile:
                                     path)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            metadata, tensors, version, data_offset = _parse(memoryview(mm), str(path))
+            # Parse over the map itself, not a memoryview: no export may outlive a failure,
+            # or the map could not be closed.
+            metadata, tensors, version, data_offset = _parse(mm, str(path))
         except BaseException:
             mm.close()
             raise
@@ -268,9 +270,9 @@ class GGUFFile:
         return iter(self.tensors.values())
 
 
-def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], dict[str, TensorInfo], int, int]:
+def _parse(buf: mmap.mmap, path: str) -> tuple[dict[str, Any], dict[str, TensorInfo], int, int]:
     cur = _Cursor(buf, path)
-    if bytes(buf[:4]) != MAGIC:
+    if buf[:4] != MAGIC:
         raise cur.fail("not a GGUF file (bad magic)")
     cur.pos = 4
     version = cur.u32("version")
@@ -282,9 +284,11 @@ def _parse(buf: memoryview, path: str) -> tuple[dict[str, Any], dict[str, Tensor
     n_kv = cur.u64("metadata count")
     # Each key-value pair needs at least 8 + 4 bytes, each tensor info 8 + 4 + 4 + 8.
     if n_kv * 12 > cur.size - cur.pos:
-        raise cur.fail(f"metadata count {n_kv} cannot fit in a {cur.size}-byte file")
+        raise cur.fail(f"truncated or corrupt GGUF file: {n_kv} metadata entries cannot fit in "
+                       f"{cur.size} bytes")
     if n_tensors * 24 > cur.size - cur.pos:
-        raise cur.fail(f"tensor count {n_tensors} cannot fit in a {cur.size}-byte file")
+        raise cur.fail(f"truncated or corrupt GGUF file: {n_tensors} tensors (tensor count) "
+                       f"cannot fit in {cur.size} bytes")
 
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
