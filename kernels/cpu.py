@@ -1,0 +1,491 @@
+"""Numba CPU kernels: sparse GEMV on input-major weights, fp32 and int8 (group scales).
+
+Semantics (same as :mod:`.reference`, see there for the full statement)::
+
+    keep[i] = NOT (score[i] <= float32(t)),  score = |x[i]|  or  |x[i]| * c[i]
+    out     = sum over kept i of x[i] * W_row[i]        (float32 accumulation)
+
+Layout: ``wt`` float32 (K, N) C-contiguous, row i multiplies x[i]; int8 weights ``q`` (K, N) with
+``scales`` float32 (K, ceil(N/G)) per group of G output channels (:mod:`.quant`). A dropped x[i]
+skips its weight row (and its scale row) entirely: that row is never read.
+
+How a call runs:
+1. ``select_rows`` compacts the indices of kept channels into the caller's int32 ``rows`` buffer
+   (branch-free: it writes every index and advances only on a keep, so a ~50 % mask costs no
+   branch mispredictions).
+2. The kept rows are streamed four at a time: ``out[j] += a0*w0[j] + a1*w1[j] + a2*w2[j] +
+   a3*w3[j]``. Four rows per pass cut the read-modify-write traffic on ``out`` by four while the
+   loop over j stays unit-stride, so LLVM vectorizes it (AVX2/AVX-512 FMAs).
+3. Parallel variants split the *outputs* into one contiguous chunk per thread (aligned to 64
+   bytes, and to whole groups for int8); every thread walks the same row list, so there is no
+   reduction and no scratch beyond ``rows``.
+
+Nothing is allocated per call: ``out`` (overwritten, not accumulated into) and ``rows`` come
+from the caller. ``fastmath`` is limited to ``contract`` (FMA fusion) in the streaming loops: no
+``nnan``/``ninf`` flags anywhere, so the NaN-keeping compare and NaN propagation stay IEEE-exact.
+
+Two levels of API:
+- raw njit functions (``sparse_fp32_serial`` ... ``dense_int8_parallel``, ``select_rows``) for
+  callers that validated their buffers once (the decode loop);
+- checked wrappers (``*_into``) that validate dtype, shape, contiguity and aliasing and raise
+  TypeError/ValueError, and allocating conveniences (``sparse_gemv_fp32`` ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .quant import check_int8_layout
+
+__all__ = [
+    "dense_fp32_parallel",
+    "dense_fp32_serial",
+    "dense_gemv_fp32",
+    "dense_gemv_fp32_into",
+    "dense_gemv_int8",
+    "dense_gemv_int8_into",
+    "dense_int8_parallel",
+    "dense_int8_serial",
+    "select_rows",
+    "sparse_fp32_parallel",
+    "sparse_fp32_serial",
+    "sparse_gemv_fp32",
+    "sparse_gemv_fp32_into",
+    "sparse_gemv_int8",
+    "sparse_gemv_int8_into",
+    "sparse_int8_parallel",
+    "sparse_int8_serial",
+]
+
+# FMA contraction only. Reassociation is not needed (the inner loop is elementwise, so it
+# vectorizes without it) and nnan/ninf would let LLVM rewrite NOT(s <= t) as (s > t).
+_FAST = {"contract"}
+
+# Parallel chunks start on 64-byte boundaries: 16 float32 outputs.
+_FP32_ALIGN = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# raw kernels (no checks: contiguous arrays of the documented dtypes and shapes only)
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def select_rows(x, threshold, channel_scale, rows):
+    """Write the indices of kept channels to ``rows[:m]`` and return m.
+
+    x float32 (K,); threshold: compared as float32; channel_scale None or float32 (K,);
+    rows int32 (K,) scratch. Kept means NOT(score <= t), so NaN scores are kept.
+    """
+    t = np.float32(threshold)
+    m = 0
+    if channel_scale is None:
+        for i in range(x.shape[0]):
+            rows[m] = i
+            m += not (abs(x[i]) <= t)
+    else:
+        for i in range(x.shape[0]):
+            rows[m] = i
+            m += not (abs(x[i]) * channel_scale[i] <= t)
+    return m
+
+
+@njit(cache=True, inline="always")
+def _row(rows, r):
+    # rows=None is the dense twin: the same loops with the identity row list; numba prunes the
+    # branch at compile time for each specialization.
+    if rows is None:
+        return r
+    return rows[r]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _fp32_rows(wt, x, rows, m, out_all, n0, n1):
+    # Slicing to [n0, n1) makes every inner index start at 0: with a variable lower bound numba's
+    # negative-index wraparound check stays in the loop and blocks vectorization.
+    out = out_all[n0:n1]
+    nn = out.shape[0]
+    for j in range(nn):
+        out[j] = 0.0
+    r = 0
+    while r + 4 <= m:
+        i0 = _row(rows, r)
+        i1 = _row(rows, r + 1)
+        i2 = _row(rows, r + 2)
+        i3 = _row(rows, r + 3)
+        a0 = x[i0]
+        a1 = x[i1]
+        a2 = x[i2]
+        a3 = x[i3]
+        w0 = wt[i0, n0:n1]
+        w1 = wt[i1, n0:n1]
+        w2 = wt[i2, n0:n1]
+        w3 = wt[i3, n0:n1]
+        for j in range(nn):
+            out[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
+        r += 4
+    while r < m:
+        i0 = _row(rows, r)
+        a0 = x[i0]
+        w0 = wt[i0, n0:n1]
+        for j in range(nn):
+            out[j] += a0 * w0[j]
+        r += 1
+
+
+@njit(cache=True, fastmath=_FAST)
+def _int8_rows(q, scales, group, x, rows, m, out_all, n0, n1):
+    # Requires n0 % group == 0 (chunks start on group boundaries).
+    out = out_all[n0:n1]
+    nn = out.shape[0]
+    g0 = n0 // group
+    n_groups = (nn + group - 1) // group
+    for j in range(nn):
+        out[j] = 0.0
+    r = 0
+    while r + 4 <= m:
+        i0 = _row(rows, r)
+        i1 = _row(rows, r + 1)
+        i2 = _row(rows, r + 2)
+        i3 = _row(rows, r + 3)
+        a0 = x[i0]
+        a1 = x[i1]
+        a2 = x[i2]
+        a3 = x[i3]
+        for g in range(n_groups):
+            j0 = g * group
+            j1 = min(nn, j0 + group)
+            # x[i] * scale once per group; the inner loop is then a plain int8 -> fp32 FMA stream.
+            b0 = a0 * scales[i0, g0 + g]
+            b1 = a1 * scales[i1, g0 + g]
+            b2 = a2 * scales[i2, g0 + g]
+            b3 = a3 * scales[i3, g0 + g]
+            o = out[j0:j1]
+            q0 = q[i0, n0 + j0 : n0 + j1]
+            q1 = q[i1, n0 + j0 : n0 + j1]
+            q2 = q[i2, n0 + j0 : n0 + j1]
+            q3 = q[i3, n0 + j0 : n0 + j1]
+            for j in range(o.shape[0]):
+                o[j] += (
+                    b0 * np.float32(q0[j])
+                    + b1 * np.float32(q1[j])
+                    + b2 * np.float32(q2[j])
+                    + b3 * np.float32(q3[j])
+                )
+        r += 4
+    while r < m:
+        i0 = _row(rows, r)
+        a0 = x[i0]
+        for g in range(n_groups):
+            j0 = g * group
+            j1 = min(nn, j0 + group)
+            b0 = a0 * scales[i0, g0 + g]
+            o = out[j0:j1]
+            q0 = q[i0, n0 + j0 : n0 + j1]
+            for j in range(o.shape[0]):
+                o[j] += b0 * np.float32(q0[j])
+        r += 1
+
+
+@njit(cache=True)
+def _chunk_step(n, unit, n_threads):
+    """Outputs per parallel chunk: n split n_threads ways, rounded up to a multiple of unit."""
+    per = (n + n_threads - 1) // n_threads
+    step = (per + unit - 1) // unit * unit
+    return max(step, unit)
+
+
+@njit(cache=True)
+def sparse_fp32_serial(wt, x, threshold, channel_scale, out, rows):
+    """out (N,) = sparse GEMV of input-major float32 wt (K, N); returns the kept-row count."""
+    m = select_rows(x, threshold, channel_scale, rows)
+    _fp32_rows(wt, x, rows, m, out, 0, wt.shape[1])
+    return m
+
+
+@njit(cache=True)
+def dense_fp32_serial(wt, x, out):
+    """out (N,) = x @ wt for input-major float32 wt (K, N): the same loop with every row kept."""
+    _fp32_rows(wt, x, None, wt.shape[0], out, 0, wt.shape[1])
+
+
+@njit(cache=True, parallel=True)
+def _fp32_parallel(wt, x, rows, m, out, n_chunks):
+    n = wt.shape[1]
+    step = _chunk_step(n, _FP32_ALIGN, n_chunks)
+    for c in prange((n + step - 1) // step):
+        n0 = c * step
+        _fp32_rows(wt, x, rows, m, out, n0, min(n, n0 + step))
+
+
+@njit(cache=True)
+def sparse_fp32_parallel(wt, x, threshold, channel_scale, out, rows, n_chunks):
+    """Parallel :func:`sparse_fp32_serial`: outputs split into n_chunks contiguous chunks run
+    under prange (pass ``numba.get_num_threads()``: one chunk per thread)."""
+    m = select_rows(x, threshold, channel_scale, rows)
+    _fp32_parallel(wt, x, rows, m, out, n_chunks)
+    return m
+
+
+@njit(cache=True)
+def dense_fp32_parallel(wt, x, out, n_chunks):
+    """Parallel :func:`dense_fp32_serial`, chunked as :func:`sparse_fp32_parallel`."""
+    _fp32_parallel(wt, x, None, wt.shape[0], out, n_chunks)
+
+
+@njit(cache=True)
+def sparse_int8_serial(q, scales, group, x, threshold, channel_scale, out, rows):
+    """out (N,) = sparse GEMV of int8 q (K, N) with scales (K, ceil(N/G)); returns kept rows."""
+    m = select_rows(x, threshold, channel_scale, rows)
+    _int8_rows(q, scales, group, x, rows, m, out, 0, q.shape[1])
+    return m
+
+
+@njit(cache=True)
+def dense_int8_serial(q, scales, group, x, out):
+    """out (N,) = x @ dequant(q, scales) with every row kept."""
+    _int8_rows(q, scales, group, x, None, q.shape[0], out, 0, q.shape[1])
+
+
+@njit(cache=True, parallel=True)
+def _int8_parallel(q, scales, group, x, rows, m, out, n_chunks):
+    n = q.shape[1]
+    # Chunks cover whole groups and start on 64-byte boundaries where the group allows.
+    unit = group * max(1, 64 // group)
+    step = _chunk_step(n, unit, n_chunks)
+    for c in prange((n + step - 1) // step):
+        n0 = c * step
+        _int8_rows(q, scales, group, x, rows, m, out, n0, min(n, n0 + step))
+
+
+@njit(cache=True)
+def sparse_int8_parallel(q, scales, group, x, threshold, channel_scale, out, rows, n_chunks):
+    """Parallel :func:`sparse_int8_serial`, chunked as :func:`sparse_fp32_parallel`."""
+    m = select_rows(x, threshold, channel_scale, rows)
+    _int8_parallel(q, scales, group, x, rows, m, out, n_chunks)
+    return m
+
+
+@njit(cache=True)
+def dense_int8_parallel(q, scales, group, x, out, n_chunks):
+    """Parallel :func:`dense_int8_serial`, chunked as :func:`sparse_fp32_parallel`."""
+    _int8_parallel(q, scales, group, x, None, q.shape[0], out, n_chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# checked wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def _n_chunks() -> int:
+    # Read per call, not inside the kernel: numba cannot cache a function that calls
+    # get_num_threads() (it reads a thread-local through a pointer baked into the code).
+    return numba.get_num_threads()
+
+
+def _describe(a: object) -> str:
+    if isinstance(a, np.ndarray):
+        return f"ndarray {a.dtype} shape {a.shape}"
+    return type(a).__name__
+
+
+def _check_array(name: str, a: object, dtype: type, shape: tuple[int, ...]) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != len(shape):
+        want = f"{len(shape)}-D {np.dtype(dtype).name} ndarray"
+        raise TypeError(f"{name} must be a {want}, got {_describe(a)}")
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+
+
+def _check_out(name: str, a: object, dtype: type, shape: tuple[int, ...], *inputs: object) -> None:
+    _check_array(name, a, dtype, shape)
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for other in inputs:
+        if other is not None and np.may_share_memory(a, other):
+            raise ValueError(f"{name} overlaps an input array; pass a separate buffer")
+
+
+def _check_weights_fp32(wt: object) -> tuple[int, int]:
+    if not isinstance(wt, np.ndarray) or wt.dtype != np.float32 or wt.ndim != 2:
+        raise TypeError(f"wt must be a 2-D float32 ndarray (K, N), got {_describe(wt)}")
+    if not wt.flags.c_contiguous:
+        raise ValueError("wt must be C-contiguous input-major (K, N) (use np.ascontiguousarray)")
+    return wt.shape
+
+
+def _check_weights_int8(q: object, scales: object, group: object) -> tuple[int, int]:
+    check_int8_layout(q, scales, group)
+    if not q.flags.c_contiguous or not scales.flags.c_contiguous:
+        raise ValueError("q and scales must be C-contiguous")
+    return q.shape
+
+
+def _check_threshold(threshold: object) -> np.float32:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+        raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN")
+    return np.float32(threshold)
+
+
+def _check_channel_scale(channel_scale: object, k: int) -> None:
+    if channel_scale is not None:
+        _check_array("channel_scale", channel_scale, np.float32, (k,))
+
+
+def sparse_gemv_fp32_into(
+    wt: np.ndarray,
+    x: np.ndarray,
+    threshold: float,
+    out: np.ndarray,
+    rows: np.ndarray,
+    *,
+    channel_scale: np.ndarray | None = None,
+    parallel: bool = True,
+) -> int:
+    """Checked sparse GEMV on input-major float32 weights; writes ``out``, returns kept rows.
+
+    wt float32 (K, N) C-contiguous, row i multiplies x[i]; x float32 (K,); threshold: a real
+    number, rounded to float32; out float32 (N,) (overwritten); rows int32 (K,) scratch;
+    channel_scale None (magnitude score) or float32 (K,) (weight-aware score |x|*c).
+    """
+    k, n = _check_weights_fp32(wt)
+    _check_array("x", x, np.float32, (k,))
+    _check_channel_scale(channel_scale, k)
+    t = _check_threshold(threshold)
+    _check_out("out", out, np.float32, (n,), x, wt, channel_scale)
+    _check_out("rows", rows, np.int32, (k,), x, wt, channel_scale, out)
+    if parallel:
+        return int(sparse_fp32_parallel(wt, x, t, channel_scale, out, rows, _n_chunks()))
+    return int(sparse_fp32_serial(wt, x, t, channel_scale, out, rows))
+
+
+def dense_gemv_fp32_into(
+    wt: np.ndarray, x: np.ndarray, out: np.ndarray, *, parallel: bool = True
+) -> None:
+    """Checked dense twin of :func:`sparse_gemv_fp32_into`: out (N,) = x @ wt, wt (K, N)."""
+    k, n = _check_weights_fp32(wt)
+    _check_array("x", x, np.float32, (k,))
+    _check_out("out", out, np.float32, (n,), x, wt)
+    if parallel:
+        dense_fp32_parallel(wt, x, out, _n_chunks())
+    else:
+        dense_fp32_serial(wt, x, out)
+
+
+def sparse_gemv_int8_into(
+    q: np.ndarray,
+    scales: np.ndarray,
+    group: int,
+    x: np.ndarray,
+    threshold: float,
+    out: np.ndarray,
+    rows: np.ndarray,
+    *,
+    channel_scale: np.ndarray | None = None,
+    parallel: bool = True,
+) -> int:
+    """Checked sparse GEMV on int8 input-major weights; writes ``out``, returns kept rows.
+
+    q int8 (K, N), scales float32 (K, ceil(N/group)) from :func:`quant.quantize_int8`; the other
+    arguments as in :func:`sparse_gemv_fp32_into`.
+    """
+    k, n = _check_weights_int8(q, scales, group)
+    _check_array("x", x, np.float32, (k,))
+    _check_channel_scale(channel_scale, k)
+    t = _check_threshold(threshold)
+    _check_out("out", out, np.float32, (n,), x, q, scales, channel_scale)
+    _check_out("rows", rows, np.int32, (k,), x, q, scales, channel_scale, out)
+    g = int(group)
+    if parallel:
+        return int(
+            sparse_int8_parallel(q, scales, g, x, t, channel_scale, out, rows, _n_chunks())
+        )
+    return int(sparse_int8_serial(q, scales, g, x, t, channel_scale, out, rows))
+
+
+def dense_gemv_int8_into(
+    q: np.ndarray,
+    scales: np.ndarray,
+    group: int,
+    x: np.ndarray,
+    out: np.ndarray,
+    *,
+    parallel: bool = True,
+) -> None:
+    """Checked dense twin of :func:`sparse_gemv_int8_into`."""
+    k, n = _check_weights_int8(q, scales, group)
+    _check_array("x", x, np.float32, (k,))
+    _check_out("out", out, np.float32, (n,), x, q, scales)
+    if parallel:
+        dense_int8_parallel(q, scales, int(group), x, out, _n_chunks())
+    else:
+        dense_int8_serial(q, scales, int(group), x, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# allocating conveniences (casual use and tests; the decode loop should use *_into or raw)
+# ---------------------------------------------------------------------------------------------
+
+
+def sparse_gemv_fp32(
+    wt: np.ndarray,
+    x: np.ndarray,
+    threshold: float,
+    *,
+    channel_scale: np.ndarray | None = None,
+    parallel: bool = True,
+) -> np.ndarray:
+    """Sparse GEMV, float32 (N,) result; see :func:`sparse_gemv_fp32_into`."""
+    k, n = _check_weights_fp32(wt)
+    out = np.empty(n, dtype=np.float32)
+    rows = np.empty(k, dtype=np.int32)
+    sparse_gemv_fp32_into(
+        wt, x, threshold, out, rows, channel_scale=channel_scale, parallel=parallel
+    )
+    return out
+
+
+def dense_gemv_fp32(wt: np.ndarray, x: np.ndarray, *, parallel: bool = True) -> np.ndarray:
+    """Dense twin, float32 (N,) result; see :func:`dense_gemv_fp32_into`."""
+    _, n = _check_weights_fp32(wt)
+    out = np.empty(n, dtype=np.float32)
+    dense_gemv_fp32_into(wt, x, out, parallel=parallel)
+    return out
+
+
+def sparse_gemv_int8(
+    q: np.ndarray,
+    scales: np.ndarray,
+    group: int,
+    x: np.ndarray,
+    threshold: float,
+    *,
+    channel_scale: np.ndarray | None = None,
+    parallel: bool = True,
+) -> np.ndarray:
+    """Sparse int8 GEMV, float32 (N,) result; see :func:`sparse_gemv_int8_into`."""
+    k, n = _check_weights_int8(q, scales, group)
+    out = np.empty(n, dtype=np.float32)
+    rows = np.empty(k, dtype=np.int32)
+    sparse_gemv_int8_into(
+        q, scales, group, x, threshold, out, rows, channel_scale=channel_scale, parallel=parallel
+    )
+    return out
+
+
+def dense_gemv_int8(
+    q: np.ndarray, scales: np.ndarray, group: int, x: np.ndarray, *, parallel: bool = True
+) -> np.ndarray:
+    """Dense int8 twin, float32 (N,) result; see :func:`dense_gemv_int8_into`."""
+    _, n = _check_weights_int8(q, scales, group)
+    out = np.empty(n, dtype=np.float32)
+    dense_gemv_int8_into(q, scales, group, x, out, parallel=parallel)
+    return out
