@@ -7,9 +7,7 @@ rounding difference to tolerate.
 
 from __future__ import annotations
 
-import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +19,12 @@ gguf = pytest.importorskip("gguf")  # the oracle
 GGMLQuantizationType = gguf.GGMLQuantizationType
 GGML_QUANT_SIZES = gguf.GGML_QUANT_SIZES
 
-MODELS = Path(os.environ.get("SPARSIFY_MODELS", Path.home() / ".cache/sparsify/models"))
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA3 = MODELS / "gemma-3-270m-q4_k_m.gguf"
-
 # Byte offsets of the float16 fields (scales, mins) inside one block, from ggml-common.h.
 HALF_FIELDS = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
 }
 TYPES = sorted(quants.SUPPORTED_TYPES, key=lambda n: GGMLQuantizationType[n].value)
-
-
-@pytest.fixture
-def rng(request: pytest.FixtureRequest) -> np.random.Generator:
-    """A generator seeded per test (from its id, or SPARSIFY_TEST_SEED to explore others)."""
-    seed = int(os.environ.get("SPARSIFY_TEST_SEED", zlib.crc32(request.node.nodeid.encode())))
-    return np.random.default_rng(seed)
 
 
 def finite_halves(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -323,21 +310,21 @@ def check_real(path: Path, name: str, offsets: dict, rows: slice | None = None) 
     return tname
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} not downloaded")
-def test_real_smollm2(rng: np.random.Generator) -> None:
-    offsets = tensor_offsets(SMOLLM2)
-    reader = gguf.GGUFReader(SMOLLM2)
+def test_real_smollm2(model_path, rng: np.random.Generator) -> None:
+    smollm2 = Path(model_path("smollm2-135m"))
+    offsets = tensor_offsets(smollm2)
+    reader = gguf.GGUFReader(smollm2)
     assert {t.name: (int(t.data_offset), int(t.tensor_type)) for t in reader.tensors} == {
         n: (off, qt) for n, (off, _, qt) in offsets.items()
     }
-    seen = {check_real(SMOLLM2, "blk.0.ffn_down.weight", offsets),
-            check_real(SMOLLM2, "blk.29.attn_q.weight", offsets),
-            check_real(SMOLLM2, "blk.0.attn_norm.weight", offsets),
-            check_real(SMOLLM2, "token_embd.weight", offsets)}
+    seen = {check_real(smollm2, "blk.0.ffn_down.weight", offsets),
+            check_real(smollm2, "blk.29.attn_q.weight", offsets),
+            check_real(smollm2, "blk.0.attn_norm.weight", offsets),
+            check_real(smollm2, "token_embd.weight", offsets)}
     assert seen == {"Q4_1", "Q8_0", "F32"}
     # Embedding lookup: rows taken straight from the mapped table.
     off, shape, qtype = offsets["token_embd.weight"]
-    raw = np.memmap(SMOLLM2, dtype=np.uint8, mode="r")[off : off + quants.nbytes(qtype, shape)]
+    raw = np.memmap(smollm2, dtype=np.uint8, mode="r")[off : off + quants.nbytes(qtype, shape)]
     ids = rng.integers(0, shape[0], size=17)
     row_bytes = quants.nbytes(qtype, shape[-1:])
     picked = np.asarray(raw).reshape(shape[0], row_bytes)[ids]
@@ -345,13 +332,13 @@ def test_real_smollm2(rng: np.random.Generator) -> None:
                       oracle(picked.reshape(-1), "Q8_0", (17, shape[1])))
 
 
-@pytest.mark.skipif(not GEMMA3.exists(), reason=f"{GEMMA3} not downloaded")
-def test_real_gemma3() -> None:
-    offsets = tensor_offsets(GEMMA3)
-    seen = {check_real(GEMMA3, "blk.0.attn_k.weight", offsets),
-            check_real(GEMMA3, "blk.0.attn_output.weight", offsets),
-            check_real(GEMMA3, "blk.0.ffn_down.weight", offsets),
-            check_real(GEMMA3, "output_norm.weight", offsets),
+def test_real_gemma3(model_path) -> None:
+    gemma3 = Path(model_path("gemma3-270m"))
+    offsets = tensor_offsets(gemma3)
+    seen = {check_real(gemma3, "blk.0.attn_k.weight", offsets),
+            check_real(gemma3, "blk.0.attn_output.weight", offsets),
+            check_real(gemma3, "blk.0.ffn_down.weight", offsets),
+            check_real(gemma3, "output_norm.weight", offsets),
             # the 262144-row Q8_0 table: a run of rows keeps the oracle fast
-            check_real(GEMMA3, "token_embd.weight", offsets, rows=slice(131000, 133048))}
+            check_real(gemma3, "token_embd.weight", offsets, rows=slice(131000, 133048))}
     assert seen == {"Q5_0", "Q4_K", "Q6_K", "F32", "Q8_0"}
