@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import njit
-
 from sparsify_kernels import cpu as K
 from sparsify_kernels.quant import DEFAULT_GROUP, quantize_int8
 
@@ -82,8 +81,7 @@ def attend_into(q, kc, vc, pos, window, scale, scores, out):
                 s += q[h, d] * kc[g, j, d]
             s *= scale
             scores[j] = s
-            if s > m:
-                m = s
+            m = max(m, s)
         tot = np.float32(0.0)
         for j in range(lo, pos + 1):
             e = np.float32(math.exp(scores[j] - m))
@@ -207,7 +205,7 @@ class CPUEngine:
             inv = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
             ang = np.arange(self.max_len, dtype=np.float64)[:, None] * inv[None, :]
             self.rope_tables[base] = (np.cos(ang).astype(f), np.sin(ang).astype(f))
-        self.pos = 0
+        self.reset()
 
     def set_thresholds(self, thresholds: dict[str, float] | None,
                        channel_scales: dict[str, np.ndarray] | None = None) -> None:
@@ -219,7 +217,10 @@ class CPUEngine:
             p.channel_scale = None if cs is None else np.ascontiguousarray(cs, dtype=np.float32)
 
     def reset(self) -> None:
+        """Empty the KV cache and the byte counters."""
         self.pos = 0
+        self.rows_read = 0
+        self.bytes_read = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -227,13 +228,16 @@ class CPUEngine:
 
     # -- decode -----------------------------------------------------------------------------
 
-    def _proj(self, p: _Proj, x: np.ndarray, out: np.ndarray, n_chunks: int) -> int:
-        """Run one projection; returns the number of weight rows read."""
+    def _proj(self, p: _Proj, x: np.ndarray, out: np.ndarray, n_chunks: int) -> None:
+        """Run one projection, counting the weight bytes it read."""
         if self.fmt == "fp32":
-            return K.sparse_fp32_parallel(p.wt, x, p.threshold, p.channel_scale, out,
-                                          self.rows, n_chunks)
-        return K.sparse_int8_parallel(p.q, p.scales, self.group, x, p.threshold,
-                                      p.channel_scale, out, self.rows, n_chunks)
+            m = K.sparse_fp32_parallel(p.wt, x, p.threshold, p.channel_scale, out,
+                                       self.rows, n_chunks)
+        else:
+            m = K.sparse_int8_parallel(p.q, p.scales, self.group, x, p.threshold,
+                                       p.channel_scale, out, self.rows, n_chunks)
+        self.rows_read += m
+        self.bytes_read += m * p.nbytes // p.k
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next position; returns the logits (a reused buffer, (V,))."""
@@ -282,6 +286,7 @@ class CPUEngine:
             K.dense_fp32_parallel(hd.wt, x1[0], self.logits, nc)
         else:
             K.dense_int8_parallel(hd.q, hd.scales, self.group, x1[0], self.logits, nc)
+        self.bytes_read += hd.nbytes
         if c.final_logit_softcap:
             cap = c.final_logit_softcap
             np.tanh(self.logits / cap, out=self.logits)
@@ -289,8 +294,15 @@ class CPUEngine:
         self.pos += 1
         return self.logits
 
+    @property
+    def block_bytes(self) -> int:
+        """Weight bytes of the block projections (what sparsity can skip)."""
+        return sum(p.nbytes for p in self.projs.values())
+
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Feed the prompt token by token (decode-style); returns the last logits."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
         self.reset()
         for t in ids:
             logits = self.step(t)
