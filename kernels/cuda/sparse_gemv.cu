@@ -1,0 +1,612 @@
+// sparse_gemv.cu - threshold-sparse GEMV for input-major weights (see sparse_gemv.h).
+//
+// Work split. The output is cut into tiles of TN = 32 * VEC columns (one warp covers one tile
+// row with one 16-byte load per lane: 512 contiguous bytes) and K into `splits` chunks; block
+// (tile, split) handles one chunk of rows for one tile. Split-K keeps enough rows in flight when
+// few are active and lets narrow outputs (N = 1024) still fill every multiprocessor.
+//
+// Inside a block:
+//   1. Compaction: the block reads its chunk of x, evaluates keep[i] and compacts the active row
+//      indices (and their x) into shared memory with one warp ballot per 32 rows. Rows that are
+//      not kept never generate a weight load, and the inner loop has no data-dependent branch.
+//   2. Streaming: warp w takes active rows w, w + 8, ...; each lane holds UNROLL independent
+//      16-byte loads in flight before it uses any, and accumulates VEC columns in fp32.
+//   3. Reduction: warps add their columns in shared memory in a fixed order; then the splits of a
+//      tile are added either by the last block to arrive (ticket counter in the workspace, which
+//      that block resets by wrapping, so graph replays need no memset), or through distributed
+//      shared memory when the splits of a tile form a thread-block cluster (sm_90).
+// Both reductions sum splits in index order, so the result does not depend on scheduling.
+#include "sparse_gemv.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Rows compacted per pass; a chunk longer than this is handled in several passes.
+constexpr int kListRows = 2048;
+// Fewer rows per block than this costs more in per-block overhead than it gains in parallelism.
+constexpr int kMinRowsPerBlock = 32;
+constexpr int kMaxSplits = 64;
+// Portable cluster size limit.
+constexpr int kMaxClusterSplits = 8;
+constexpr int kGroup = SPARSIFY_GEMV_INT8_GROUP;
+constexpr int kMaxDevices = 64;
+// The widest tile of any path (int8, 16 columns per lane).
+constexpr int kWidestTile = 32 * 16;
+// Workspace layout: arrival counters in a fixed region at the start, partial sums after it. The
+// region does not depend on the shape, so launches of different shapes sharing one workspace
+// never read another launch's partial sums as counters. Beyond kMaxTiles tiles the grid is
+// large without split-K, and none is used.
+constexpr size_t kCounterBytes = 65536;
+constexpr int kMaxTiles = static_cast<int>(kCounterBytes / 4);
+
+enum WType { kF16 = SPARSIFY_GEMV_F16, kBF16 = SPARSIFY_GEMV_BF16, kI8 = SPARSIFY_GEMV_I8 };
+enum Reduce { kTicket = 0, kCluster = 1 };
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
+
+template <int W> struct Elem;
+template <> struct Elem<kF16> { static constexpr int kBytes = 2; };
+template <> struct Elem<kBF16> { static constexpr int kBytes = 2; };
+template <> struct Elem<kI8> { static constexpr int kBytes = 1; };
+
+// ---- weight loads ---------------------------------------------------------------------------
+
+// 16-byte streaming load, predicated inside the asm: the weights are read once per token, so
+// they stay out of L1, and the L2 256-byte prefetch hint asks for the lane group's segment in one
+// burst. The predicate lives in the asm (not an `if` around the load) and the statements are
+// volatile, so the compiler keeps all of a lane's loads ahead of their uses instead of pairing
+// each conditional load with its use (which left one load in flight per lane), and slots past
+// the end of the row list issue no memory traffic at all.
+template <bool kHint>
+__device__ __forceinline__ uint4 load16(const void *p, bool valid) {
+  uint4 r = make_uint4(0u, 0u, 0u, 0u);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if (kHint) {
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+        " @q ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+        : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
+        : "l"(p), "r"(static_cast<int>(valid)));
+  } else {
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+        " @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+        : "+r"(r.x), "+r"(r.y), "+r"(r.z), "+r"(r.w)
+        : "l"(p), "r"(static_cast<int>(valid)));
+  }
+#else
+  if (valid) r = __ldg(reinterpret_cast<const uint4 *>(p));
+#endif
+  return r;
+}
+
+// Predicated 4-byte read-only load (int8 scales), kept in order with the weight loads.
+__device__ __forceinline__ float load_f32(const float *p, bool valid) {
+  float r = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.f32 %0, [%1];\n}"
+      : "+f"(r)
+      : "l"(p), "r"(static_cast<int>(valid)));
+#else
+  if (valid) r = __ldg(p);
+#endif
+  return r;
+}
+
+// Four int8 in one word to float: put the offset-binary byte under the exponent of 2^23 and
+// subtract 2^23 + 128 (exact). Byte permutes and adds run at full rate, unlike I2F conversion,
+// which at int8 bandwidth would cost as much issue time as the memory stream allows.
+__device__ __forceinline__ void i8x4_to_f32(unsigned word, float *f) {
+  const unsigned u = word ^ 0x80808080u;
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    f[b] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | b)) - 8388736.0f;
+  }
+}
+
+// Frag<W, VEC>: what one lane loads for one row (VEC consecutive weights) and how it decodes.
+// The primary template is the 16-byte path (VEC = 16 / sizeof(weight)); VEC = 1 is scalar.
+template <int W, int VEC> struct Frag {
+  static_assert(VEC * Elem<W>::kBytes == 16, "vector fragments are 16 bytes");
+  uint4 raw;
+  template <bool kHint> __device__ __forceinline__ void load(const char *p, bool valid) {
+    raw = load16<kHint>(p, valid);
+  }
+  __device__ __forceinline__ void decode(float *f) const {
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (W == kF16) {
+        __half2 h;
+        memcpy(&h, &w[i], 4);
+        const float2 v = __half22float2(h);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+      } else if (W == kBF16) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      } else {
+        i8x4_to_f32(w[i], f + 4 * i);
+      }
+    }
+  }
+};
+
+template <int W> struct Frag<W, 1> {
+  unsigned raw;
+  template <bool kHint> __device__ __forceinline__ void load(const char *p, bool valid) {
+    raw = 0u;
+    if (!valid) return;
+    if (W == kI8) {
+      raw = static_cast<unsigned>(__ldg(reinterpret_cast<const unsigned char *>(p)));
+    } else {
+      raw = static_cast<unsigned>(__ldg(reinterpret_cast<const unsigned short *>(p)));
+    }
+  }
+  __device__ __forceinline__ void decode(float *f) const {
+    if (W == kF16) {
+      f[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(raw)));
+    } else if (W == kBF16) {
+      f[0] = __uint_as_float(raw << 16);
+    } else {
+      f[0] = static_cast<float>(static_cast<signed char>(raw));
+    }
+  }
+};
+
+// ---- kernel -----------------------------------------------------------------------------------
+
+struct Params {
+  const char *w;
+  const float *scales;  // int8 only
+  const float *x;
+  const float *factor;  // may be null
+  const float *threshold;
+  float *y;
+  int k;
+  int n;
+  int rows_per_block;
+  int n_groups;        // int8 scale groups per row
+  float *partial;      // (splits, ld) float32, ticket reduction only
+  unsigned *counters;  // (tiles,) arrival counters, ticket reduction only
+  int ld;              // row stride of `partial` = tiles * TN
+};
+
+// int8 lanes hold 16 fp32 accumulators and 8 x 16-byte loads; uncapped they take ~100 registers
+// (2 blocks per SM, too few bytes in flight). Capping at 3 blocks per SM fits them in 80.
+template <int W, int VEC>
+constexpr int kMinBlocks = (W == kI8 && VEC > 1) ? 3 : 1;
+
+template <int W, int VEC, int UNROLL, bool HINT, int RED>
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<W, VEC>)) gemv_kernel(const Params p) {
+  constexpr int TN = 32 * VEC;
+  constexpr int kBytes = Elem<W>::kBytes;
+  // Shared memory: the active-row list during streaming, reused for the warp partial sums.
+  __shared__ union __align__(16) Smem {
+    struct {
+      int idx[kListRows];
+      float xv[kListRows];
+    } list;
+    float red[kWarps][TN];
+  } sm;
+  __shared__ int warp_count[2][kWarps];
+  __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
+  __shared__ unsigned ticket;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (a no-op when launched without it): wait until the previous
+  // kernel in the stream has finished and its writes are visible before touching global memory
+  // (x, threshold, workspace counters, y); then let the next kernel start launching, so its
+  // launch latency hides behind this kernel's streaming and reduction tail. The next kernel's
+  // blocks only run once every block of this grid has started, so they cannot starve it.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int splits = gridDim.y;
+  const int k_begin = split * p.rows_per_block;
+  const int k_end = min(p.k, k_begin + p.rows_per_block);
+  const float thr = __ldg(p.threshold);
+
+  const int col = tile * TN + lane * VEC;
+  // VEC > 1 is only launched when N % VEC == 0, so a lane's columns are all in or all out.
+  const bool col_ok = col < p.n;
+  const char *wcol = p.w + static_cast<size_t>(col) * kBytes;
+  const size_t row_bytes = static_cast<size_t>(p.n) * kBytes;
+  const int group = col / kGroup;
+
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+
+  for (int c0 = k_begin; c0 < k_end; c0 += kListRows) {
+    const int c1 = min(k_end, c0 + kListRows);
+    // 1. compaction of the active rows of [c0, c1)
+    int nact = 0;
+    int round = 0;
+    for (int base = c0; base < c1; base += kThreads, ++round) {
+      const int i = base + tid;
+      float xi = 0.0f;
+      bool keep = false;
+      if (i < c1) {
+        xi = __ldg(p.x + i);
+        float score = fabsf(xi);
+        if (p.factor != nullptr) score *= __ldg(p.factor + i);
+        keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+      const int buf = round & 1;  // double buffer: one barrier per round suffices
+      if (lane == 0) warp_count[buf][warp] = __popc(ballot);
+      __syncthreads();
+      int offset = nact;
+      int total = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const int cnt = warp_count[buf][w];
+        offset += (w < warp) ? cnt : 0;
+        total += cnt;
+      }
+      if (keep) {
+        const int pos = offset + __popc(ballot & ((1u << lane) - 1u));
+        sm.list.idx[pos] = i;
+        sm.list.xv[pos] = xi;
+      }
+      nact += total;
+    }
+    __syncthreads();
+
+    // 2. streaming over the active rows
+    if (col_ok) {
+      for (int j = warp; j < nact; j += kWarps * UNROLL) {
+        // All UNROLL loads are issued before any is used (see load16); slots past the end of
+        // the list are predicated off, and their math is skipped by a warp-uniform branch.
+        Frag<W, VEC> frag[UNROLL];
+        float xs[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const bool valid = j + u * kWarps < nact;
+          const int jj = min(j + u * kWarps, nact - 1);  // keeps the shared-memory read in range
+          const int r = sm.list.idx[jj];
+          frag[u].template load<HINT>(wcol + static_cast<size_t>(r) * row_bytes, valid);
+          float s = sm.list.xv[jj];
+          if (W == kI8) {
+            s *= load_f32(p.scales + static_cast<size_t>(r) * p.n_groups + group, valid);
+          }
+          xs[u] = s;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          if (j + u * kWarps < nact) {
+            float f[VEC];
+            frag[u].decode(f);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] = fmaf(f[i], xs[u], acc[i]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the list is overwritten by the next pass or by the warp sums
+  }
+
+  // 3a. warps -> block: column sums in a fixed warp order
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      *reinterpret_cast<float4 *>(&sm.red[warp][lane * VEC + i]) =
+          make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sm.red[warp][lane * VEC + i] = acc[i];
+  }
+  __syncthreads();
+  for (int cc = tid; cc < TN; cc += kThreads) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sm.red[w][cc];
+    const int n = tile * TN + cc;
+    if (splits == 1) {
+      if (n < p.n) p.y[n] = s;
+    } else if (RED == kTicket) {
+      __stcg(p.partial + static_cast<size_t>(split) * p.ld + n, s);
+    } else {
+      csum[cc] = s;
+    }
+  }
+  if (splits == 1) return;
+
+  if (RED == kTicket) {
+    // 3b. splits -> y by the last block of this tile to arrive
+    __threadfence();  // this block's partials are visible device-wide before it takes a ticket
+    __syncthreads();
+    if (tid == 0) {
+      // atomicInc wraps to 0 after splits - 1: the last arrival leaves the counter reset.
+      ticket = atomicInc(p.counters + tile, static_cast<unsigned>(splits - 1));
+    }
+    __syncthreads();
+    if (ticket != static_cast<unsigned>(splits - 1)) return;
+    __threadfence();  // order the partial reads after observing every other block's ticket
+
+    // Each thread sums 4 columns over a strided subset of the splits with independent 16-byte
+    // loads, so the tail costs about one L2 round trip instead of one per split.
+    constexpr int TN4 = TN / 4;
+    constexpr int G = (kThreads / TN4 < kWarps) ? kThreads / TN4 : kWarps;
+    const int q = tid % TN4;
+    const int g = tid / TN4;  // sm.red is free: every read of it above precedes the barrier
+    if (g < G) {
+      const float4 *src = reinterpret_cast<const float4 *>(p.partial + tile * TN) + q;
+      float4 s4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+      for (int sp = g; sp < splits; sp += G) {
+        const float4 v = __ldcg(src + static_cast<size_t>(sp) * (p.ld / 4));
+        s4.x += v.x;
+        s4.y += v.y;
+        s4.z += v.z;
+        s4.w += v.w;
+      }
+      float *dst = &sm.red[g][4 * q];
+      dst[0] = s4.x;
+      dst[1] = s4.y;
+      dst[2] = s4.z;
+      dst[3] = s4.w;
+    }
+    __syncthreads();
+    for (int cc = tid; cc < TN; cc += kThreads) {
+      float s = 0.0f;
+#pragma unroll
+      for (int gg = 0; gg < G; ++gg) s += sm.red[gg][cc];
+      const int n = tile * TN + cc;
+      if (n < p.n) p.y[n] = s;
+    }
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // 3b'. splits -> y through distributed shared memory: the cluster is the `splits` blocks of
+    // this tile; block r adds columns [r * chunk, (r + 1) * chunk) over all blocks in rank order.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int chunk = ceil_div(TN, splits);
+    const int hi = min(TN, (rank + 1) * chunk);
+    for (int cc = rank * chunk + tid; cc < hi; cc += kThreads) {
+      float s = 0.0f;
+      for (int b = 0; b < splits; ++b) s += cluster.map_shared_rank(csum, b)[cc];
+      const int n = tile * TN + cc;
+      if (n < p.n) p.y[n] = s;
+    }
+    cluster.sync();  // no block may exit while another still reads its shared memory
+#endif
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+cudaError_t device_sms(int *sms) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    *sms = cache[dev].load(std::memory_order_relaxed);
+    if (*sms > 0) return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(*sms, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+cudaError_t device_major(int dev, int *major) {
+  static std::atomic<int> cache[kMaxDevices];
+  if (dev >= 0 && dev < kMaxDevices) {
+    *major = cache[dev].load(std::memory_order_relaxed);
+    if (*major > 0) return cudaSuccess;
+  }
+  cudaError_t err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(*major, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+struct Args {
+  const void *w;
+  const float *scales;
+  const float *x;
+  const float *factor;
+  const float *threshold;
+  float *y;
+  int k;
+  int n;
+  void *workspace;
+  size_t workspace_bytes;
+  int blocks_per_sm;
+  cudaStream_t stream;
+  bool pdl;  // launch with programmatic dependent launch (compute capability 9.0+)
+};
+
+template <int W, int VEC, int UNROLL, bool HINT, int RED>
+cudaError_t launch(const Args &a) {
+  constexpr int TN = 32 * VEC;
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED>;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int sms = 0;
+  err = device_sms(&sms);
+  if (err != cudaSuccess) return err;
+  // Resident blocks per multiprocessor for this kernel, cached per device.
+  static std::atomic<int> occ_cache[kMaxDevices];
+  int occ = (dev < kMaxDevices) ? occ_cache[dev].load(std::memory_order_relaxed) : 0;
+  if (occ <= 0) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 0);
+    if (err != cudaSuccess) return err;
+    if (occ <= 0) occ = 1;
+    if (dev < kMaxDevices) occ_cache[dev].store(occ, std::memory_order_relaxed);
+  }
+  const int per_sm = (a.blocks_per_sm > 0 && a.blocks_per_sm < occ) ? a.blocks_per_sm : occ;
+
+  // Split K so that tiles * splits fills one wave of resident blocks: every block starts at
+  // once, and none waits for a second wave that would stretch the tail.
+  const int tiles = ceil_div(a.n, TN);
+  const int max_splits = (RED == kCluster) ? kMaxClusterSplits : kMaxSplits;
+  int splits = (sms * per_sm) / tiles;
+  splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
+  if (tiles > kMaxTiles) splits = 1;
+  const int by_rows = ceil_div(a.k, kMinRowsPerBlock);
+  if (splits > by_rows) splits = by_rows;
+  const int rows = static_cast<int>(round_up(ceil_div(a.k, splits), 32));
+  splits = ceil_div(a.k, rows);
+
+  Params p;
+  p.w = static_cast<const char *>(a.w);
+  p.scales = a.scales;
+  p.x = a.x;
+  p.factor = a.factor;
+  p.threshold = a.threshold;
+  p.y = a.y;
+  p.k = a.k;
+  p.n = a.n;
+  p.rows_per_block = rows;
+  p.n_groups = ceil_div(a.n, kGroup);
+  p.ld = tiles * TN;
+  p.counters = static_cast<unsigned *>(a.workspace);
+  p.partial = reinterpret_cast<float *>(static_cast<char *>(a.workspace) + kCounterBytes);
+  if (RED == kTicket && splits > 1) {
+    const size_t need = kCounterBytes + static_cast<size_t>(splits) * p.ld * 4;
+    if (a.workspace == nullptr || a.workspace_bytes < need) return cudaErrorInvalidValue;
+  }
+
+  const dim3 grid(tiles, splits);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr[2];
+  int n_attr = 0;
+  if (RED == kCluster && splits > 1) {
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = 1;
+    attr[n_attr].val.clusterDim.y = splits;
+    attr[n_attr].val.clusterDim.z = 1;
+    ++n_attr;
+  }
+  if (a.pdl) {
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n_attr;
+  err = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+bool aligned(const void *p, size_t b) { return reinterpret_cast<uintptr_t>(p) % b == 0; }
+
+template <int W>
+cudaError_t dispatch(const Args &a, int variant) {
+  if (a.k < 0 || a.n < 0) return cudaErrorInvalidValue;
+  if (a.n == 0) return cudaSuccess;
+  if (a.w == nullptr || a.x == nullptr || a.threshold == nullptr || a.y == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (W == kI8 && a.scales == nullptr) return cudaErrorInvalidValue;
+  if (!aligned(a.x, 4) || !aligned(a.y, 4) || !aligned(a.threshold, 4) ||
+      !aligned(a.factor, 4) || !aligned(a.scales, 4) || !aligned(a.w, Elem<W>::kBytes) ||
+      !aligned(a.workspace, 16)) {
+    return cudaErrorInvalidValue;
+  }
+  if (a.k == 0) return cudaMemsetAsync(a.y, 0, static_cast<size_t>(a.n) * 4, a.stream);
+
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int major = 0;
+  err = device_major(dev, &major);
+  if (err != cudaSuccess) return err;
+  Args b = a;
+  b.pdl = major >= 9 && variant != 2;
+
+  constexpr int VEC = 16 / Elem<W>::kBytes;
+  const bool vec = aligned(a.w, 16) && (static_cast<size_t>(a.n) * Elem<W>::kBytes) % 16 == 0;
+  if (!vec) return launch<W, 1, 8, false, kTicket>(b);
+  switch (variant) {
+    case 0: return launch<W, VEC, 8, true, kTicket>(b);
+    case 1: return launch<W, VEC, 4, true, kTicket>(b);
+    case 2: return launch<W, VEC, 8, true, kTicket>(b);
+    case 3:
+      if (major < 9) return cudaErrorNotSupported;
+      return launch<W, VEC, 8, true, kCluster>(b);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+size_t sparsify_gemv_workspace_bytes(int k, int n) {
+  if (k <= 0 || n <= 0) return kCounterBytes;
+  // Partial rows are N rounded up to a tile, at most the widest tile.
+  const int splits_max = ceil_div(k, kMinRowsPerBlock) < kMaxSplits
+                             ? ceil_div(k, kMinRowsPerBlock) : kMaxSplits;
+  return kCounterBytes +
+         static_cast<size_t>(splits_max) * round_up(static_cast<size_t>(n), kWidestTile) * 4;
+}
+
+cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
+                                const float *factor, const float *threshold, float *y, int k,
+                                int n, void *workspace, size_t workspace_bytes, int variant,
+                                int blocks_per_sm, cudaStream_t stream) {
+  const Args a{w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes,
+               blocks_per_sm, stream, false};
+  switch (wtype) {
+    case SPARSIFY_GEMV_F16: return dispatch<kF16>(a, variant);
+    case SPARSIFY_GEMV_BF16: return dispatch<kBF16>(a, variant);
+    case SPARSIFY_GEMV_I8: return dispatch<kI8>(a, variant);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t sparsify_gemv_f16(const void *w, const float *x, const float *factor,
+                              const float *threshold, float *y, int k, int n, void *workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
+  return sparsify_gemv_tuned(SPARSIFY_GEMV_F16, w, nullptr, x, factor, threshold, y, k, n,
+                             workspace, workspace_bytes, 0, 0, stream);
+}
+
+cudaError_t sparsify_gemv_bf16(const void *w, const float *x, const float *factor,
+                               const float *threshold, float *y, int k, int n, void *workspace,
+                               size_t workspace_bytes, cudaStream_t stream) {
+  return sparsify_gemv_tuned(SPARSIFY_GEMV_BF16, w, nullptr, x, factor, threshold, y, k, n,
+                             workspace, workspace_bytes, 0, 0, stream);
+}
+
+cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *x,
+                             const float *factor, const float *threshold, float *y, int k, int n,
+                             void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return sparsify_gemv_tuned(SPARSIFY_GEMV_I8, w, scales, x, factor, threshold, y, k, n,
+                             workspace, workspace_bytes, 0, 0, stream);
+}
+
+const char *sparsify_gemv_error_string(cudaError_t err) { return cudaGetErrorString(err); }
+
+}  // extern "C"

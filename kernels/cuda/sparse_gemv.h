@@ -1,0 +1,112 @@
+/*
+ * sparse_gemv.h - threshold-sparse GEMV on CUDA for input-major weights.
+ *
+ * Computes, for one token,
+ *
+ *     y[n] = sum_i W[i, n] * x[i] * keep[i],    keep[i] = NOT(score[i] <= t),
+ *     score[i] = |x[i]|            (factor == NULL, magnitude criterion)
+ *     score[i] = |x[i]| * factor[i] (weight-aware criterion)
+ *
+ * which is y = W^T (x . keep) with W stored input-major. The threshold compare happens inside the
+ * kernel: no separate pass, no host synchronisation, no allocation. Rows of W whose channel is
+ * not kept are never read, so the bytes moved fall with the sparsity.
+ *
+ * Layout
+ *   W        (K, N) row-major, input-major: row i holds the N weights that multiply x[i].
+ *            fp16 / bf16: 2 bytes per weight. int8: 1 byte per weight, symmetric (value = q * s).
+ *   scales   int8 only: float32 (K, ceil(N / SPARSIFY_GEMV_INT8_GROUP)) row-major; scales[i, g]
+ *            multiplies W[i, g*G .. g*G + G - 1], one scale per group of G consecutive outputs of
+ *            one input row (G = 128). When N is not a multiple of G the last group is short.
+ *   x        float32 (K,)   activations.
+ *   factor   float32 (K,) or NULL: per-input-channel score factor (for example the L2 norm of
+ *            row i of W); NULL selects the magnitude criterion.
+ *   threshold  DEVICE pointer to one float32. It is read by the kernel when it runs, so a CUDA
+ *            graph captured once follows a new sparsity level after a plain device copy into
+ *            that float (cudaMemcpyAsync / fill), with no re-capture.
+ *   y        float32 (N,)   output; every element is written (it need not be initialised).
+ *
+ * Alignment: all pointers must be 4-byte aligned; workspace 16-byte aligned. The fast path (16-byte
+ * loads) is taken when W is 16-byte aligned and N * sizeof(weight) is a multiple of 16 (N % 8 == 0
+ * for fp16/bf16, N % 16 == 0 for int8); other shapes run a correct, slower scalar path.
+ *
+ * Workspace: split-K partial sums and per-tile arrival counters. Allocate at least
+ * sparsify_gemv_workspace_bytes(K, N) bytes and set them to ZERO ONCE (cudaMemset) before the
+ * first call; every completed launch leaves the counters at zero again, so later calls (and CUDA
+ * graph replays) need no memset. Launches that may run at the same time (different streams with
+ * no ordering between them) must use different workspaces. One workspace serves any sequence of
+ * shapes on one stream as long as it is large enough for each.
+ *
+ * Threading and streams: launches are asynchronous on `stream`; the functions are thread-safe
+ * (they keep only per-device cached attributes) and may be called while `stream` is being
+ * captured into a CUDA graph. Results are deterministic: the summation order is fixed and does
+ * not depend on block scheduling. On compute capability 9.0+ the kernel is launched with
+ * programmatic dependent launch: it waits for the preceding kernel in the stream to complete
+ * before it reads or writes any global memory, and lets the following kernel begin launching
+ * early, which hides launch latency between back-to-back kernels (also inside graphs).
+ *
+ * NaN policy: keep = NOT(score <= t). A NaN in x (or factor) makes its channel kept, so it
+ * propagates into y as in a dense product; a NaN threshold keeps every channel. Weights of
+ * dropped channels are never read, so Inf/NaN stored in a dropped row do not reach y.
+ *
+ * Limits: 0 <= K, 0 <= N, K * N * sizeof(weight) addressable; K = 0 gives y = 0.
+ * Return: cudaSuccess, cudaErrorInvalidValue for a bad argument (null pointer, negative size,
+ * misaligned pointer, workspace too small), or the launch error.
+ */
+#ifndef SPARSIFY_SPARSE_GEMV_H
+#define SPARSIFY_SPARSE_GEMV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Outputs per int8 scale group (consecutive output channels of one input row). */
+#define SPARSIFY_GEMV_INT8_GROUP 128
+
+/* Weight formats, for sparsify_gemv_tuned. */
+#define SPARSIFY_GEMV_F16 0
+#define SPARSIFY_GEMV_BF16 1
+#define SPARSIFY_GEMV_I8 2
+
+/* Bytes of workspace needed for a (K, N) call of any weight format on any device. */
+size_t sparsify_gemv_workspace_bytes(int k, int n);
+
+/* fp16 weights (IEEE half, raw 16-bit storage). */
+cudaError_t sparsify_gemv_f16(const void *w, const float *x, const float *factor,
+                              const float *threshold, float *y, int k, int n, void *workspace,
+                              size_t workspace_bytes, cudaStream_t stream);
+
+/* bf16 weights (raw 16-bit storage). */
+cudaError_t sparsify_gemv_bf16(const void *w, const float *x, const float *factor,
+                               const float *threshold, float *y, int k, int n, void *workspace,
+                               size_t workspace_bytes, cudaStream_t stream);
+
+/* int8 weights with float32 scales per group of SPARSIFY_GEMV_INT8_GROUP outputs. */
+cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *x,
+                             const float *factor, const float *threshold, float *y, int k, int n,
+                             void *workspace, size_t workspace_bytes, cudaStream_t stream);
+
+/*
+ * Same computation with the launch configuration exposed, for benchmarks. wtype is one of
+ * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default; 1 four loads in
+ * flight per thread instead of eight; 2 without programmatic dependent launch; 3 split-K
+ * reduced through thread-block clusters (compute capability 9.0+, cudaErrorNotSupported below).
+ * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
+ */
+cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
+                                const float *factor, const float *threshold, float *y, int k,
+                                int n, void *workspace, size_t workspace_bytes, int variant,
+                                int blocks_per_sm, cudaStream_t stream);
+
+/* Human-readable text for an error code returned above. */
+const char *sparsify_gemv_error_string(cudaError_t err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPARSIFY_SPARSE_GEMV_H */
