@@ -184,13 +184,8 @@ struct Params {
   int ld;              // row stride of `partial` = tiles * TN
 };
 
-// int8 lanes hold 16 fp32 accumulators and 8 x 16-byte loads; uncapped they take ~100 registers
-// (2 blocks per SM, too few bytes in flight). Capping at 3 blocks per SM fits them in 80.
-template <int W, int VEC>
-constexpr int kMinBlocks = (W == kI8 && VEC > 1) ? 3 : 1;
-
 template <int W, int VEC, int UNROLL, bool HINT, int RED>
-__global__ void __launch_bounds__(kThreads, (kMinBlocks<W, VEC>)) gemv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
   // Shared memory: the active-row list during streaming, reused for the warp partial sums.
@@ -548,13 +543,22 @@ cudaError_t dispatch(const Args &a, int variant) {
   constexpr int VEC = 16 / Elem<W>::kBytes;
   const bool vec = aligned(a.w, 16) && (static_cast<size_t>(a.n) * Elem<W>::kBytes) % 16 == 0;
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
+  // Loads in flight per lane. Measured on H100 (kernels/cuda/NOTES.md, run 2): for 2-byte weights
+  // four beat eight at every sparsity when the output has few tiles (N = 4096: ~1 us of 11-45),
+  // eight beat four at low sparsity on wide outputs (N = 14336: ~1 us of 44); int8 showed no
+  // consistent difference and keeps eight.
+  const int tiles = ceil_div(a.n, 32 * VEC);
+  const bool wide = W == kI8 || tiles >= 32;
   switch (variant) {
-    case 0: return launch<W, VEC, 8, true, kTicket>(b);
+    case 0:
+    case 2:
+      if (wide) return launch<W, VEC, 8, true, kTicket>(b);
+      return launch<W, VEC, 4, true, kTicket>(b);
     case 1: return launch<W, VEC, 4, true, kTicket>(b);
-    case 2: return launch<W, VEC, 8, true, kTicket>(b);
     case 3:
       if (major < 9) return cudaErrorNotSupported;
       return launch<W, VEC, 8, true, kCluster>(b);
+    case 4: return launch<W, VEC, 8, true, kTicket>(b);
     default: return cudaErrorInvalidValue;
   }
 }

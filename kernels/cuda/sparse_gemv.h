@@ -92,9 +92,10 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
 
 /*
  * Same computation with the launch configuration exposed, for benchmarks. wtype is one of
- * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default; 1 four loads in
- * flight per thread instead of eight; 2 without programmatic dependent launch; 3 split-K
- * reduced through thread-block clusters (compute capability 9.0+, cudaErrorNotSupported below).
+ * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default (four or eight
+ * 16-byte loads in flight per lane, chosen from the shape); 1 always four; 4 always eight;
+ * 2 default without programmatic dependent launch; 3 split-K reduced through thread-block
+ * clusters (compute capability 9.0+, cudaErrorNotSupported below).
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
  */
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
