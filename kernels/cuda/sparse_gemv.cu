@@ -433,6 +433,7 @@ struct Args {
   int blocks_per_sm;
   cudaStream_t stream;
   bool pdl;  // launch with programmatic dependent launch (compute capability 9.0+)
+  int waves;  // grid size in waves of resident blocks (1 = every block starts at once)
 };
 
 template <int W, int VEC, int UNROLL, bool HINT, int RED>
@@ -460,7 +461,7 @@ cudaError_t launch(const Args &a) {
   // once, and none waits for a second wave that would stretch the tail.
   const int tiles = ceil_div(a.n, TN);
   const int max_splits = (RED == kCluster) ? kMaxClusterSplits : kMaxSplits;
-  int splits = (sms * per_sm) / tiles;
+  int splits = (sms * per_sm * a.waves) / tiles;
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
   if (tiles > kMaxTiles) splits = 1;
   const int by_rows = ceil_div(a.k, kMinRowsPerBlock);
@@ -539,26 +540,24 @@ cudaError_t dispatch(const Args &a, int variant) {
   if (err != cudaSuccess) return err;
   Args b = a;
   b.pdl = major >= 9 && variant != 2;
+  b.waves = 1;
 
   constexpr int VEC = 16 / Elem<W>::kBytes;
   const bool vec = aligned(a.w, 16) && (static_cast<size_t>(a.n) * Elem<W>::kBytes) % 16 == 0;
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
-  // Loads in flight per lane. Measured on H100 (kernels/cuda/NOTES.md, run 2): for 2-byte weights
-  // four beat eight at every sparsity when the output has few tiles (N = 4096: ~1 us of 11-45),
-  // eight beat four at low sparsity on wide outputs (N = 14336: ~1 us of 44); int8 showed no
-  // consistent difference and keeps eight.
-  const int tiles = ceil_div(a.n, 32 * VEC);
-  const bool wide = W == kI8 || tiles >= 32;
+  // Eight loads in flight per lane everywhere: four or two measured no better across runs (the
+  // differences, ~1 us, changed sign between runs; kernels/cuda/NOTES.md runs 2 and 3).
   switch (variant) {
     case 0:
-    case 2:
-      if (wide) return launch<W, VEC, 8, true, kTicket>(b);
-      return launch<W, VEC, 4, true, kTicket>(b);
+    case 2: return launch<W, VEC, 8, true, kTicket>(b);
     case 1: return launch<W, VEC, 4, true, kTicket>(b);
     case 3:
       if (major < 9) return cudaErrorNotSupported;
       return launch<W, VEC, 8, true, kCluster>(b);
-    case 4: return launch<W, VEC, 8, true, kTicket>(b);
+    case 6:
+    case 7:
+      b.waves = variant == 6 ? 2 : 4;
+      return launch<W, VEC, 8, true, kTicket>(b);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -581,7 +580,7 @@ cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, c
                                 int n, void *workspace, size_t workspace_bytes, int variant,
                                 int blocks_per_sm, cudaStream_t stream) {
   const Args a{w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes,
-               blocks_per_sm, stream, false};
+               blocks_per_sm, stream, false, 1};
   switch (wtype) {
     case SPARSIFY_GEMV_F16: return dispatch<kF16>(a, variant);
     case SPARSIFY_GEMV_BF16: return dispatch<kBF16>(a, variant);

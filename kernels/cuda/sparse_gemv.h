@@ -92,10 +92,11 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
 
 /*
  * Same computation with the launch configuration exposed, for benchmarks. wtype is one of
- * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default (four or eight
- * 16-byte loads in flight per lane, chosen from the shape); 1 always four; 4 always eight;
- * 2 default without programmatic dependent launch; 3 split-K reduced through thread-block
- * clusters (compute capability 9.0+, cudaErrorNotSupported below).
+ * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default (eight 16-byte
+ * loads in flight per lane, one wave of resident blocks); 1 four loads in flight; 2 default
+ * without programmatic dependent launch; 3 split-K reduced through thread-block clusters
+ * (compute capability 9.0+, cudaErrorNotSupported below); 6 and 7: K split finer, into two or
+ * four waves of blocks, so that the block scheduler evens out uneven active-row counts.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
  */
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
