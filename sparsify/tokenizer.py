@@ -390,7 +390,7 @@ def _array(meta: Mapping[str, Any], key: str, n: int, dtype: type, default: floa
     value = meta.get(key)
     if value is None:
         return np.full(n, default, dtype=dtype)
-    arr = np.array(value, dtype=dtype)  # a copy: the EOG override below writes into it
+    arr = np.array(value, dtype=dtype)  # a copy: the by-name rules write into it
     if arr.shape != (n,):
         raise ValueError(f"{key} has {arr.size} entries but tokenizer.ggml.tokens has {n}")
     return arr
@@ -472,9 +472,10 @@ def _bpe_merges(raw: Any, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
     """``tokenizer.ggml.merges`` ("a b" strings, in rank order) as pairs.
 
     llama.cpp splits at the first space after the first character and keeps the first rank of a
-    repeated pair. Pairs whose parts or result are not in the vocabulary can never fire on text
-    the pre-tokenizer produces, and the ``tokenizers`` BPE model refuses them, so they are
-    dropped.
+    repeated pair. The ``tokenizers`` BPE model refuses pairs whose parts or result are not in
+    the vocabulary, so they are dropped. None exist in a well-formed file (SmolLM2: none); a
+    part outside the vocabulary never meets the merger anyway, but llama.cpp would apply a pair
+    whose result is missing and then spell that result byte by byte.
     """
     if raw is None or isinstance(raw, str):
         raise ValueError("tokenizer model 'gpt2' needs tokenizer.ggml.merges")
