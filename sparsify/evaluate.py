@@ -151,27 +151,31 @@ def _dense_equivalent(th: dict[str, float]) -> bool:
 
 
 def evaluate_levels(model: Model, sequences: torch.Tensor, level_thresholds: Sequence[dict],
-                    targets: Sequence[float], weight_aware: bool,
+                    targets: Sequence[float], weight_aware: bool | Sequence[bool],
                     gguf_bytes: dict[str, int] | None = None,
                     progress: Callable[[int], None] | None = None) -> EvalResult:
     """Evaluate ``model`` at each level on ``sequences`` against its dense self.
 
     sequences (S, T) int64 token ids, each row evaluated from position 0; level_thresholds[j]
     maps projection names to thresholds for level ``targets[j]``; ``weight_aware`` selects the
-    score. ``gguf_bytes`` (name → stored bytes) weights the second model-wide figure;
+    score, for all levels or per level. ``gguf_bytes`` (name → stored bytes) weights the second model-wide figure;
     ``progress(n)`` is told of every finished pass. Restores ``model.projector`` on return.
     """
     if sequences.dim() != 2 or sequences.shape[1] < 2:
         raise ValueError(f"sequences must be (S, T) with T >= 2, got {tuple(sequences.shape)}")
     if len(level_thresholds) != len(targets):
         raise ValueError("one threshold dict per target level")
+    if isinstance(weight_aware, bool):
+        weight_aware = [weight_aware] * len(targets)
+    if len(weight_aware) != len(targets):
+        raise ValueError("one weight_aware flag per target level")
     params = projection_params(model.cfg)
     sizes = gguf_bytes or params
     t0 = time.perf_counter()
     saved = model.projector
     equiv = [j for j, th in enumerate(level_thresholds) if _dense_equivalent(th)]
-    projectors = [MaskingProjector(th, weight_aware=weight_aware, count=True)
-                  for th in level_thresholds]
+    projectors = [MaskingProjector(th, weight_aware=wa, count=True)
+                  for th, wa in zip(level_thresholds, weight_aware)]
     # The dense pass doubles as the first dense-equivalent level's pass (same output), which
     # then only needs its mask counts.
     dense_proj = projectors[equiv[0]] if equiv else dense_projector

@@ -19,6 +19,16 @@ from sparsify.model import dense_projector, kl_div
 from sparsify.sparse import MaskingProjector
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's products are too small to share among threads: with several, the
+    thread pool's synchronisation costs more than the work (10x on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny synthetic llama model (2 blocks, odd sizes) with float32 weights."""
