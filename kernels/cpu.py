@@ -13,8 +13,8 @@ How a call runs:
 1. ``select_rows`` compacts the indices of kept channels into the caller's int32 ``rows`` buffer
    (branch-free: it writes every index and advances only on a keep, so a ~50 % mask costs no
    branch mispredictions).
-2. The kept rows are streamed four at a time: ``out[j] += a0*w0[j] + a1*w1[j] + a2*w2[j] +
-   a3*w3[j]``. Four rows per pass cut the read-modify-write traffic on ``out`` by four while the
+2. The kept rows are streamed eight at a time: ``out[j] += a0*w0[j] + ... + a7*w7[j]``.
+   Eight rows per pass cut the read-modify-write traffic on ``out`` by eight while the
    loop over j stays unit-stride, so LLVM vectorizes it (AVX2/AVX-512 FMAs).
 3. Parallel variants split the *outputs* into one contiguous chunk per thread (aligned to 64
    bytes, and to whole groups for int8); every thread walks the same row list, so there is no
@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .quant import check_int8_layout
+from .quant import DEFAULT_GROUP, check_int8_layout
 
 __all__ = [
     "dense_fp32_parallel",
@@ -112,23 +112,25 @@ def _fp32_rows(wt, x, rows, m, out_all, n0, n1):
     for j in range(nn):
         out[j] = 0.0
     r = 0
-    while r + 4 <= m:
+    while r + 8 <= m:
         i0 = _row(rows, r)
         i1 = _row(rows, r + 1)
         i2 = _row(rows, r + 2)
         i3 = _row(rows, r + 3)
-        a0 = x[i0]
-        a1 = x[i1]
-        a2 = x[i2]
-        a3 = x[i3]
-        w0 = wt[i0, n0:n1]
-        w1 = wt[i1, n0:n1]
-        w2 = wt[i2, n0:n1]
-        w3 = wt[i3, n0:n1]
+        i4 = _row(rows, r + 4)
+        i5 = _row(rows, r + 5)
+        i6 = _row(rows, r + 6)
+        i7 = _row(rows, r + 7)
+        a0, a1, a2, a3 = x[i0], x[i1], x[i2], x[i3]
+        a4, a5, a6, a7 = x[i4], x[i5], x[i6], x[i7]
+        w0, w1, w2, w3 = wt[i0, n0:n1], wt[i1, n0:n1], wt[i2, n0:n1], wt[i3, n0:n1]
+        w4, w5, w6, w7 = wt[i4, n0:n1], wt[i5, n0:n1], wt[i6, n0:n1], wt[i7, n0:n1]
         for j in range(nn):
-            out[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
-        r += 4
-    while r < m:
+            out[j] += (a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]) + (
+                a4 * w4[j] + a5 * w5[j] + a6 * w6[j] + a7 * w7[j]
+            )
+        r += 8
+    while r < m:  # at most 7 leftover rows
         i0 = _row(rows, r)
         a0 = x[i0]
         w0 = wt[i0, n0:n1]
@@ -139,56 +141,73 @@ def _fp32_rows(wt, x, rows, m, out_all, n0, n1):
 
 @njit(cache=True, fastmath=_FAST)
 def _int8_rows(q, scales, group, x, rows, m, out_all, n0, n1):
-    # Requires n0 % group == 0 (chunks start on group boundaries).
+    # Requires n0 % group == 0 (chunks start on group boundaries). Called with a literal group
+    # (64), the loop over a group's outputs has a constant trip count that LLVM unrolls fully.
     out = out_all[n0:n1]
     nn = out.shape[0]
     g0 = n0 // group
-    n_groups = (nn + group - 1) // group
+    n_full = nn // group
     for j in range(nn):
         out[j] = 0.0
     r = 0
-    while r + 4 <= m:
+    while r + 8 <= m:
         i0 = _row(rows, r)
         i1 = _row(rows, r + 1)
         i2 = _row(rows, r + 2)
         i3 = _row(rows, r + 3)
-        a0 = x[i0]
-        a1 = x[i1]
-        a2 = x[i2]
-        a3 = x[i3]
-        for g in range(n_groups):
-            j0 = g * group
-            j1 = min(nn, j0 + group)
+        i4 = _row(rows, r + 4)
+        i5 = _row(rows, r + 5)
+        i6 = _row(rows, r + 6)
+        i7 = _row(rows, r + 7)
+        a0, a1, a2, a3 = x[i0], x[i1], x[i2], x[i3]
+        a4, a5, a6, a7 = x[i4], x[i5], x[i6], x[i7]
+        q0, q1, q2, q3 = q[i0, n0:n1], q[i1, n0:n1], q[i2, n0:n1], q[i3, n0:n1]
+        q4, q5, q6, q7 = q[i4, n0:n1], q[i5, n0:n1], q[i6, n0:n1], q[i7, n0:n1]
+        s0, s1, s2, s3 = scales[i0, g0:], scales[i1, g0:], scales[i2, g0:], scales[i3, g0:]
+        s4, s5, s6, s7 = scales[i4, g0:], scales[i5, g0:], scales[i6, g0:], scales[i7, g0:]
+        for g in range(n_full):
             # x[i] * scale once per group; the inner loop is then a plain int8 -> fp32 FMA stream.
-            b0 = a0 * scales[i0, g0 + g]
-            b1 = a1 * scales[i1, g0 + g]
-            b2 = a2 * scales[i2, g0 + g]
-            b3 = a3 * scales[i3, g0 + g]
-            o = out[j0:j1]
-            q0 = q[i0, n0 + j0 : n0 + j1]
-            q1 = q[i1, n0 + j0 : n0 + j1]
-            q2 = q[i2, n0 + j0 : n0 + j1]
-            q3 = q[i3, n0 + j0 : n0 + j1]
-            for j in range(o.shape[0]):
-                o[j] += (
-                    b0 * np.float32(q0[j])
-                    + b1 * np.float32(q1[j])
-                    + b2 * np.float32(q2[j])
-                    + b3 * np.float32(q3[j])
-                )
-        r += 4
-    while r < m:
-        i0 = _row(rows, r)
-        a0 = x[i0]
-        for g in range(n_groups):
+            b0, b1, b2, b3 = a0 * s0[g], a1 * s1[g], a2 * s2[g], a3 * s3[g]
+            b4, b5, b6, b7 = a4 * s4[g], a5 * s5[g], a6 * s6[g], a7 * s7[g]
             j0 = g * group
-            j1 = min(nn, j0 + group)
-            b0 = a0 * scales[i0, g0 + g]
-            o = out[j0:j1]
-            q0 = q[i0, n0 + j0 : n0 + j1]
+            o = out[j0 : j0 + group]
+            p0, p1, p2, p3 = q0[j0:], q1[j0:], q2[j0:], q3[j0:]
+            p4, p5, p6, p7 = q4[j0:], q5[j0:], q6[j0:], q7[j0:]
+            for j in range(group):
+                o[j] += (
+                    b0 * np.float32(p0[j])
+                    + b1 * np.float32(p1[j])
+                    + b2 * np.float32(p2[j])
+                    + b3 * np.float32(p3[j])
+                ) + (
+                    b4 * np.float32(p4[j])
+                    + b5 * np.float32(p5[j])
+                    + b6 * np.float32(p6[j])
+                    + b7 * np.float32(p7[j])
+                )
+        r += 8
+    # Leftover rows (at most 7) over the full groups, then every kept row over the short last
+    # group that exists only when group does not divide the chunk: one row at a time, rare.
+    for rr in range(m):
+        i0 = _row(rows, rr)
+        g_from = n_full if rr < r else 0
+        for g in range(g_from, n_full + (n_full * group < nn)):
+            b0 = x[i0] * scales[i0, g0 + g]
+            j0 = g * group
+            o = out[j0 : min(nn, j0 + group)]
+            p0 = q[i0, n0 + j0 : n0 + j0 + o.shape[0]]
             for j in range(o.shape[0]):
-                o[j] += b0 * np.float32(q0[j])
-        r += 1
+                o[j] += b0 * np.float32(p0[j])
+
+
+@njit(cache=True)
+def _int8_dispatch(q, scales, group, x, rows, m, out, n0, n1):
+    # The default group as a compile-time constant: ~5-10 % faster on 4096x14336 than the same
+    # code with a run-time group (measured), for one extra specialization.
+    if group == DEFAULT_GROUP:
+        _int8_rows(q, scales, DEFAULT_GROUP, x, rows, m, out, n0, n1)
+    else:
+        _int8_rows(q, scales, group, x, rows, m, out, n0, n1)
 
 
 @njit(cache=True)
@@ -241,14 +260,14 @@ def dense_fp32_parallel(wt, x, out, n_chunks):
 def sparse_int8_serial(q, scales, group, x, threshold, channel_scale, out, rows):
     """out (N,) = sparse GEMV of int8 q (K, N) with scales (K, ceil(N/G)); returns kept rows."""
     m = select_rows(x, threshold, channel_scale, rows)
-    _int8_rows(q, scales, group, x, rows, m, out, 0, q.shape[1])
+    _int8_dispatch(q, scales, group, x, rows, m, out, 0, q.shape[1])
     return m
 
 
 @njit(cache=True)
 def dense_int8_serial(q, scales, group, x, out):
     """out (N,) = x @ dequant(q, scales) with every row kept."""
-    _int8_rows(q, scales, group, x, None, q.shape[0], out, 0, q.shape[1])
+    _int8_dispatch(q, scales, group, x, None, q.shape[0], out, 0, q.shape[1])
 
 
 @njit(cache=True, parallel=True)
@@ -259,7 +278,7 @@ def _int8_parallel(q, scales, group, x, rows, m, out, n_chunks):
     step = _chunk_step(n, unit, n_chunks)
     for c in prange((n + step - 1) // step):
         n0 = c * step
-        _int8_rows(q, scales, group, x, rows, m, out, n0, min(n, n0 + step))
+        _int8_dispatch(q, scales, group, x, rows, m, out, n0, min(n, n0 + step))
 
 
 @njit(cache=True)
