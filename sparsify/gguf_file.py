@@ -277,7 +277,10 @@ def _parse(buf: mmap.mmap, path: str) -> tuple[dict[str, Any], dict[str, TensorI
     cur.pos = 4
     version = cur.u32("version")
     if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0 and (version >> 16) in SUPPORTED_VERSIONS:
+        # A big-endian file's version reads byte-swapped here (3 -> 0x03000000); llama.cpp's
+        # gguf.cpp tells the two apart the same way.
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        if swapped in SUPPORTED_VERSIONS:
             raise cur.fail("big-endian GGUF files are not supported")
         raise cur.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
     n_tensors = cur.u64("tensor count")
