@@ -257,17 +257,60 @@ class GGUFFile:
             raise SparsifyError(f"missing tensor {name}", self.path) from None
 
     def dequantize(self, name: str) -> np.ndarray:
-        """The whole tensor as float32 in numpy order (see module docstring)."""
+        """The whole tensor as float32 in numpy order (see module docstring).
+
+        SparsifyError (naming the tensor) for a type that cannot be decoded, or for NaN or
+        infinite values in the result.
+        """
         info = self.info(name)
-        return quants.dequantize(self.raw(name), info.qtype, info.shape)
+        try:
+            out = quants.dequantize(self.raw(name), info.qtype, info.shape)
+        except ValueError as e:
+            raise SparsifyError(f"tensor {name}: {e}", self.path) from None
+        _check_finite(out, name, self.path)
+        return out
 
     def dequantize_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Selected rows of a 2-D tensor as float32, shape (len(rows), shape[1])."""
+        """Selected rows of a 2-D tensor as float32, shape (len(rows), shape[1]).
+
+        Errors as :meth:`dequantize`, for the selected rows.
+        """
         info = self.info(name)
-        return quants.dequantize_rows(self.raw(name), info.qtype, info.shape, rows)
+        if info.qtype not in quants.GGML_TYPES or (
+                quants.type_name(info.qtype) not in quants.SUPPORTED_TYPES):
+            raise SparsifyError(f"tensor {name}: unsupported tensor type {info.type_name} "
+                                f"(id {info.qtype})", self.path)
+        out = quants.dequantize_rows(self.raw(name), info.qtype, info.shape, rows)
+        _check_finite(out, name, self.path)
+        return out
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
+
+
+def _check_finite(arr: np.ndarray, name: str, path: Path) -> None:
+    """SparsifyError if float32 ``arr`` (dequantized weights) holds NaN or infinity.
+
+    One NaN weight turns every later activation into NaN, and profiling would then write
+    thresholds computed from NaN; llama.cpp refuses such data the same way under
+    ``--check-tensors`` (``ggml_validate_row_data``). The test is a float32 sum, one pass at
+    memory speed: NaN and inf always reach it, and only then (or when finite values overflow
+    the sum) are the values checked one by one.
+    """
+    flat = arr.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = flat.sum(dtype=np.float32)
+    if flat.size == 0 or np.isfinite(total):
+        return
+    nan = np.isnan(flat)
+    inf = np.isinf(flat)
+    n_nan, n_inf = int(nan.sum()), int(inf.sum())
+    if n_nan == 0 and n_inf == 0:
+        return  # large finite values whose sum overflowed
+    first = int(np.flatnonzero(nan | inf)[0])
+    kinds = ", ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "inf")) if n)
+    raise SparsifyError(f"tensor {name} holds non-finite weights ({kinds}; first at element "
+                        f"{first}): the file is damaged", path)
 
 
 def _parse(buf: mmap.mmap, path: str) -> tuple[dict[str, Any], dict[str, TensorInfo], int, int]:
