@@ -477,7 +477,9 @@ def _new_output(dims: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.float32).reshape(dims)  # keeps buf alive via .base
 
 
-def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
+def dequantize(
+    raw: np.ndarray, qtype: int, shape: tuple[int, ...], out: np.ndarray | None = None
+) -> np.ndarray:
     """Decode a whole tensor to float32.
 
     Args:
@@ -485,10 +487,12 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
             memory-mapped slice); exactly ``nbytes(qtype, shape)`` of them.
         qtype: ggml type id (``GGML_TYPES``); only ``SUPPORTED_TYPES`` decode.
         shape: numpy shape, last axis contiguous (the reverse of GGUF's ``ne`` order).
+        out: optional destination, a writable C-contiguous float32 array of ``shape`` (e.g.
+            the memory of a tensor the caller keeps), so no second copy is made.
 
     Returns:
-        A new, writable, C-contiguous float32 array of ``shape``, bit-identical to ggml's
-        reference dequantization.
+        ``out``, or a new writable C-contiguous float32 array of ``shape``; bit-identical to
+        ggml's reference dequantization.
     """
     t = _supported(qtype)
     dims = _check_shape(shape)
@@ -498,7 +502,14 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
         raise ValueError(
             f"{t.name} tensor of shape {dims} needs {need} bytes, got {flat.size}"
         )
-    out = _new_output(dims)
+    if out is None:
+        out = _new_output(dims)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == dims
+              and out.flags.c_contiguous and out.flags.writeable):
+        raise TypeError(
+            f"out must be a writable C-contiguous float32 array of shape {dims}, got "
+            + (f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__)
+        )
     if out.size:
         flat_out = out.reshape(-1)
         if t.id == 30:

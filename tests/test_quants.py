@@ -164,6 +164,17 @@ def test_large_output_is_an_ordinary_array(rng: np.random.Generator) -> None:
     out[0, 0] = 1.0
 
 
+def test_out_argument(rng: np.random.Generator) -> None:
+    raw = random_tensor(rng, "Q6_K", (3, 512))
+    dst = np.full((3, 512), np.nan, np.float32)
+    assert quants.dequantize(raw, 14, (3, 512), out=dst) is dst
+    assert_bits_equal(dst, oracle(raw, "Q6_K", (3, 512)))
+    for bad in (np.empty((3, 512), np.float64), np.empty((512, 3), np.float32),
+                np.empty((3, 1024), np.float32)[:, ::2], np.empty(1536, np.float32)):
+        with pytest.raises(TypeError, match="out must be"):
+            quants.dequantize(raw, 14, (3, 512), out=bad)
+
+
 def test_type_table_matches_gguf_constants() -> None:
     for qid, t in quants.GGML_TYPES.items():
         gt = GGMLQuantizationType(qid)
