@@ -43,9 +43,12 @@ NBINS = 1 << (31 - SHIFT)  # sign bit is always 0 for scores
 # The projection whose call records each distinct input (the first to read it, by block order).
 RECORDED_BY = {inp: next(p for p in PROJECTIONS if PROJECTION_INPUT[p] == inp)
                for inp in dict.fromkeys(PROJECTION_INPUT.values())}
-# Tokens per forward call into a block: enough rows for torch's matmuls to use every core,
-# few enough that the (batch, heads, T, T) attention scores stay small.
+# Tokens per forward call into a block: enough rows for torch's matmuls to use every core.
 BATCH_TOKENS = 4096
+# ... and few enough sequences that the (batch, heads, T, T) attention scores stay under 24 MiB:
+# glibc serves blocks over 32 MiB with a fresh mmap each time, and the page faults of touching
+# it again for every batch cost more system time than the larger matmuls save.
+ATTN_BYTES = 24 << 20
 
 
 def bin_edges() -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +88,49 @@ def histogram(scores: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"scores must be on the CPU, got {scores.device}")
     bits = scores.contiguous().reshape(-1).numpy().view(np.uint32)
     return torch.from_numpy(_bit_histogram(bits, numba.get_num_threads()))
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_le(x: np.ndarray, t: np.ndarray, first: np.ndarray, last: np.ndarray,
+              n_parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of |x| and, per threshold j, how many |x| in t[j]'s own bin are <= t[j].
+
+    x float32 (n,); t float32 (L,) ascending; levels first[b]..last[b]-1 have their threshold
+    in bin b. Counting the lower bins from the histogram and comparing exactly only inside a
+    threshold's own bin gives exact counts at the cost of one histogram.
+    """
+    n = x.shape[0]
+    bits = x.view(np.uint32)
+    hist = np.zeros((n_parts, NBINS), dtype=np.int64)
+    exact = np.zeros((n_parts, t.shape[0]), dtype=np.int64)
+    for p in numba.prange(n_parts):
+        for i in range(p * n // n_parts, (p + 1) * n // n_parts):
+            b = (bits[i] & 0x7FFFFFFF) >> SHIFT
+            hist[p, b] += 1
+            for j in range(first[b], last[b]):
+                if abs(x[i]) <= t[j]:
+                    exact[p, j] += 1
+    return hist.sum(axis=0), exact.sum(axis=0)
+
+
+def count_at_or_below(scores: torch.Tensor, thresholds: np.ndarray) -> np.ndarray:
+    """Exact count of entries with ``|score| <= t`` for each threshold: int64 (L,).
+
+    ``scores`` float32 CPU tensor (any shape); ``thresholds`` ascending, rounded to float32
+    (the precision masks compare in). NaN scores are never counted, as masks keep them.
+    """
+    t = np.ascontiguousarray(thresholds, dtype=np.float32)
+    if t.ndim != 1 or (np.diff(t) < 0).any() or np.isnan(t).any():
+        raise ValueError("thresholds must be a 1-D ascending array without NaN")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"scores must be float32, got {scores.dtype}")
+    tb = (np.abs(t).view(np.uint32) >> SHIFT).astype(np.int64)
+    first = np.searchsorted(tb, np.arange(NBINS), side="left")
+    last = np.searchsorted(tb, np.arange(NBINS), side="right")
+    x = scores.contiguous().reshape(-1).numpy()
+    hist, exact = _count_le(x, t, first, last, numba.get_num_threads())
+    below = np.concatenate([[0], np.cumsum(hist)])[tb]  # entries in bins under t's bin
+    return below + exact
 
 
 def quantile_thresholds(counts: np.ndarray, levels: Sequence[float]) -> list[float]:
@@ -191,6 +237,11 @@ def _drop_pages(gguf, prefix: str) -> None:
                          4)  # MADV_DONTNEED (asm-generic/mman-common.h)
 
 
+def _batch_seqs(model: Model, T: int, batch_tokens: int) -> int:
+    """Sequences of length T per forward call (see BATCH_TOKENS and ATTN_BYTES)."""
+    return max(1, min(batch_tokens // T, ATTN_BYTES // (model.cfg.n_head * T * T * 4)))
+
+
 def profile_thresholds(model: Model, seqs: np.ndarray, criterion: str,
                        levels: Sequence[float], progress: bool = True,
                        batch_tokens: int = BATCH_TOKENS) -> dict[str, list[float]]:
@@ -208,7 +259,7 @@ def profile_thresholds(model: Model, seqs: np.ndarray, criterion: str,
         raise ValueError(f"seqs must be a non-empty (n_seq, T) array, got shape {seqs.shape}")
     n_seq, T = seqs.shape
     n_layer = model.cfg.n_layer
-    per_batch = max(1, batch_tokens // T)
+    per_batch = _batch_seqs(model, T, batch_tokens)
     gguf = getattr(model.w, "gguf", None)
     saved = model.projector
     out: dict[str, list[float]] = {}
@@ -271,7 +322,7 @@ def realized_sparsity(model: Model, seqs: np.ndarray, thresholds: dict[str, floa
     proj = cls(thresholds, weight_aware=weight_aware, count=True)
     saved = model.projector
     model.projector = proj
-    per_batch = max(1, batch_tokens // seqs.shape[1])
+    per_batch = _batch_seqs(model, seqs.shape[1], batch_tokens)
     try:
         with torch.inference_mode():
             for s in range(0, len(seqs), per_batch):
@@ -279,6 +330,45 @@ def realized_sparsity(model: Model, seqs: np.ndarray, thresholds: dict[str, floa
     finally:
         model.projector = saved
     return proj.realized()
+
+
+class _LevelCounter(MaskingProjector):
+    """Counts, for every level of a table at once, the input entries each tensor's threshold
+    zeroes (MaskingProjector's score, ``score <= t``), and returns the dense product."""
+
+    def __init__(self, table) -> None:
+        super().__init__({}, weight_aware=table.criterion == "weight-aware")
+        self.grid = {n: np.float32(ts) for n, ts in table.thresholds.items()}
+        self.counts: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t = self.grid.get(name)
+        if t is not None:
+            c = count_at_or_below(self.score(name, x, w), t)
+            self.counts[name] = self.counts.get(name, 0) + c
+            self.seen[name] += x.numel()
+        return dense_projector(name, x, w)
+
+
+def realized_by_level(model: Model, seqs: np.ndarray, table,
+                      batch_tokens: int = BATCH_TOKENS) -> dict[str, np.ndarray]:
+    """Realized sparsity of every tensor at every level of ``table`` on the dense model.
+
+    ``seqs`` int64 (n_seq, T). Returns name -> float64 (len(table.levels),): the fraction of
+    the tensor's input entries that its threshold at each level zeroes, counted exactly. One
+    forward pass for all levels; the model's projector is restored on return.
+    """
+    counter = _LevelCounter(table)
+    saved = model.projector
+    model.projector = counter
+    per_batch = _batch_seqs(model, seqs.shape[1], batch_tokens)
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(seqs), per_batch):
+                model.forward(torch.from_numpy(seqs[s:s + per_batch]), last_only=True)
+    finally:
+        model.projector = saved
+    return {n: c / counter.seen[n] for n, c in counter.counts.items()}
 
 
 def default_output(model_path: str | Path, criterion: str) -> Path:

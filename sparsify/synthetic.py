@@ -109,6 +109,11 @@ class SyntheticSpec:
     def n_params(self) -> int:
         return sum(math.prod(s) for _, s in self.tensor_shapes())
 
+    def data_bytes(self) -> int:
+        """Bytes of tensor data, padding excluded (norm weights are F32)."""
+        w = 2 if self.dtype == "f16" else 4
+        return sum(math.prod(s) * (4 if len(s) == 1 else w) for _, s in self.tensor_shapes())
+
 
 PRESETS: dict[str, SyntheticSpec] = {
     # Llama-3-8B's shapes (config.json of meta-llama/Meta-Llama-3-8B), F16: about 16 GB.

@@ -60,6 +60,36 @@ class _Invalid(Exception):
     """A problem found while validating a table; becomes a SparsifyError naming the file."""
 
 
+# Real tables are a few hundred KiB (a 32-block model with allocations stays under 2 MiB);
+# anything far larger is not a table, and is refused before it is parsed.
+MAX_TABLE_BYTES = 32 << 20
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """JSON object hook: a key given twice is an error, not "the last one wins"."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Invalid(f"duplicate key {_show(k)!r} in a JSON object")
+        out[k] = v
+    return out
+
+
+def _show(text: str) -> str:
+    """``text`` safe for a one-line terminal message: escapes for anything not printable."""
+    return text if text.isprintable() and text.isascii() else ascii(text)[1:-1]
+
+
+def _num(v: Any) -> float | None:
+    """A JSON number as float (huge integers become inf); None for anything else."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf
+
+
 # ---- fingerprint -------------------------------------------------------------------------
 
 # In-process memo of data hashes, keyed by what identifies the file's current bytes. A file
@@ -135,7 +165,7 @@ def _fingerprint_mismatch(made: dict, this: dict, model_path: str) -> str | None
     """One line saying how fingerprint ``made`` (the table's) differs from ``this``, or None."""
     where = f"model file {Path(model_path).name}"
     if made["architecture"] != this["architecture"]:
-        return (f"table made for a {made['architecture']} model, {where} is "
+        return (f"table made for a {_show(made['architecture'])} model, {where} is "
                 f"{this['architecture']}")
     for k in _DIM_KEYS:
         if made["dims"][k] != this["dims"][k]:
@@ -143,7 +173,7 @@ def _fingerprint_mismatch(made: dict, this: dict, model_path: str) -> str | None
     mt, tt = made["tensors"], this["tensors"]
     missing = sorted(set(mt) - set(tt))
     if missing:
-        return f"table made for a model with tensor {missing[0]}, which {where} lacks"
+        return f"table made for a model with tensor {_show(missing[0])}, which {where} lacks"
     extra = sorted(set(tt) - set(mt))
     if extra:
         return f"{where} has tensor {extra[0]}, which the table's model lacks"
@@ -151,9 +181,9 @@ def _fingerprint_mismatch(made: dict, this: dict, model_path: str) -> str | None
         a, b = mt[name], tt[name]
         if a["type"] != b["type"]:
             if made["file_type"] != this["file_type"]:
-                return (f"table made for {made['file_type']}, {where} is {this['file_type']} "
-                        f"({name}: {a['type']} vs {b['type']})")
-            return f"table made for {name} in {a['type']}, {where} has {b['type']}"
+                return (f"table made for {_show(made['file_type'])}, {where} is {this['file_type']} "
+                        f"({name}: {_show(a['type'])} vs {b['type']})")
+            return f"table made for {name} in {_show(a['type'])}, {where} has {b['type']}"
         if a["shape"] != b["shape"]:
             return f"table made for {name} of shape {a['shape']}, {where} has {b['shape']}"
     if made["data_sha256"] != this["data_sha256"]:
@@ -190,20 +220,32 @@ class ThresholdTable:
         """Read and validate a table file; SparsifyError (one line, naming the file) if bad."""
         p = Path(path)
         try:
-            raw = p.read_bytes()
+            with open(p, "rb") as f:
+                raw = f.read(MAX_TABLE_BYTES + 1)
         except FileNotFoundError:
             raise SparsifyError("no such table file", p) from None
         except IsADirectoryError:
             raise SparsifyError("is a directory, not a table file", p) from None
         except OSError as e:
             raise SparsifyError(f"cannot read table: {e.strerror}", p) from None
+        if len(raw) > MAX_TABLE_BYTES:
+            raise SparsifyError(f"not a threshold table: larger than {MAX_TABLE_BYTES >> 20} MiB",
+                                p)
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except UnicodeDecodeError:
             raise SparsifyError("not a threshold table (not UTF-8 text)", p) from None
         except json.JSONDecodeError as e:
             raise SparsifyError(f"not a threshold table: invalid JSON at line {e.lineno} column "
                                 f"{e.colno} ({e.msg}; truncated?)", p) from None
+        except _Invalid as e:
+            raise SparsifyError(f"not a threshold table: {e}", p) from None
+        except RecursionError:
+            raise SparsifyError("not a threshold table: invalid JSON, nested too deeply",
+                                p) from None
+        except ValueError as e:  # e.g. an integer literal with thousands of digits
+            raise SparsifyError(f"not a threshold table: invalid JSON ({_show(str(e))[:80]})",
+                                p) from None
         return cls.from_dict(data, source=str(p))
 
     @classmethod
@@ -366,10 +408,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _keys(obj: Any, what: str, required: tuple[str, ...] | list[str] | set[str],
           optional: tuple[str, ...] = ()) -> None:
     if not isinstance(obj, dict):
@@ -429,9 +467,11 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
         raise _Invalid(f"unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
 
     levels = data["levels"]
-    if not isinstance(levels, list) or not all(_is_num(x) for x in levels):
+    if not isinstance(levels, list) or any(_num(x) is None for x in levels):
         raise _Invalid("levels must be a list of numbers")
-    levels = [float(x) for x in levels]
+    levels = [_num(x) for x in levels]
+    if not all(math.isfinite(x) for x in levels):
+        raise _Invalid("levels must be finite numbers")
     if not levels or levels[0] != 0.0:
         raise _Invalid("levels must start at 0")
     for a, b in itertools.pairwise(levels):
@@ -451,7 +491,8 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
         raise _Invalid("thresholds must be a JSON object")
     unknown = sorted(set(th) - set(names))
     if unknown:
-        raise _Invalid(f"thresholds for {unknown[0]}, which the fingerprint's model lacks")
+        raise _Invalid(f"thresholds for {_show(unknown[0])}, which the fingerprint's model "
+                       f"lacks")
     thresholds: dict[str, list[float]] = {}
     for name in names:
         ts = th.get(name)
@@ -461,9 +502,12 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
             n = len(ts) if isinstance(ts, list) else "no list of"
             raise _Invalid(f"{name} has {n} thresholds for {len(levels)} levels")
         prev = 0.0
-        for lvl, t in zip(levels, ts):
-            if not _is_num(t) or math.isnan(t):
-                raise _Invalid(f"{name}: threshold at level {lvl:.2f} is {t!r}, not a number")
+        values = []
+        for lvl, raw_t in zip(levels, ts):
+            t = _num(raw_t)
+            if t is None or math.isnan(t):
+                raise _Invalid(f"{name}: threshold at level {lvl:.2f} is "
+                               f"{_show(repr(raw_t))[:40]}, not a number")
             if not math.isfinite(t) or t < 0:
                 raise _Invalid(f"{name}: threshold at level {lvl:.2f} is {t!r}; thresholds "
                                f"are finite and non-negative")
@@ -471,7 +515,8 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
                 raise _Invalid(f"{name}: threshold decreases at level {lvl:.2f} ({prev!r} "
                                f"then {t!r})")
             prev = t
-        thresholds[name] = [float(t) for t in ts]
+            values.append(t)
+        thresholds[name] = values
 
     allocations = data["allocations"]
     if not isinstance(allocations, dict):
@@ -480,23 +525,25 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
         if method == "uniform" or not method:
             raise _Invalid(f"allocation method may not be named {method!r}")
         if not isinstance(per_target, dict):
-            raise _Invalid(f"allocations.{method} must be a JSON object")
+            raise _Invalid(f"allocations.{_show(method)} must be a JSON object")
         for target, per in per_target.items():
             try:
                 ok = target == target_key(float(target)) and 0.0 <= float(target) <= 1.0
             except ValueError:
                 ok = False
             if not ok:
-                raise _Invalid(f"allocations.{method}: target {target!r} is not a level "
+                raise _Invalid(f"allocations.{_show(method)}: target {target!r} is not a level "
                                f"written like \"0.50\"")
             if not isinstance(per, dict):
-                raise _Invalid(f"allocations.{method}.{target} must be a JSON object")
+                raise _Invalid(f"allocations.{_show(method)}.{target} must be a JSON object")
             for name, lvl in per.items():
                 if name not in thresholds:
-                    raise _Invalid(f"allocations.{method}.{target} names unknown tensor {name}")
-                if not _is_num(lvl) or not 0.0 <= lvl <= 1.0:
-                    raise _Invalid(f"allocations.{method}.{target}: level of {name} is "
-                                   f"{lvl!r}, not in [0, 1]")
+                    raise _Invalid(f"allocations.{_show(method)}.{target} names unknown tensor "
+                                   f"{_show(name)}")
+                v = _num(lvl)
+                if v is None or not 0.0 <= v <= 1.0:
+                    raise _Invalid(f"allocations.{_show(method)}.{target}: level of {_show(name)} is "
+                                   f"{_show(repr(lvl))[:40]}, not in [0, 1]")
     return ThresholdTable(schema_version=version, fingerprint=fp, provenance=prov,
                           criterion=criterion, levels=levels, thresholds=thresholds,
                           allocations=allocations, source=source)

@@ -179,3 +179,28 @@ def test_smollm2_small_profile_realizes_its_levels(loaded, torch_model):
         got = prof.realized_sparsity(model, seqs, t.thresholds_at(level), False, masked=False)
         worst = max(got, key=lambda n: abs(got[n] - level))
         assert abs(got[worst] - level) <= TOLERANCE, (worst, got[worst], level)
+
+
+def test_count_at_or_below_is_exact(rng):
+    x = rng.standard_normal(5000).astype(np.float32)
+    t = np.sort(np.abs(rng.standard_normal(7)).astype(np.float32))
+    x[:7] = t  # entries exactly at a threshold count as zeroed
+    x[7:9] = [np.nan, -np.inf]
+    x[9:20] = 0.0
+    t = np.concatenate([[0.0], t, t[-1:]]).astype(np.float32)  # level 0 and a repeated value
+    got = prof.count_at_or_below(torch.from_numpy(x), t)
+    want = np.array([(np.abs(x) <= v).sum() for v in t])
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="ascending"):
+        prof.count_at_or_below(torch.from_numpy(x), t[::-1].copy())
+
+
+def test_realized_by_level_agrees_with_masking_projector(tables, tiny):
+    t = tables["weight-aware"]
+    loaded = load(tiny)
+    seqs = corpus.sequences(loaded.tokenizer, corpus.calibration_text(), 64, 4, seed=3)
+    model = loaded.model()
+    every = prof.realized_by_level(model, seqs, t)
+    j = t.levels.index(0.3)
+    one = prof.realized_sparsity(model, seqs, t.thresholds_at(0.3), True, masked=False)
+    assert {n: v[j] for n, v in every.items()} == one
