@@ -66,24 +66,37 @@ class ModelConfig:
         return [f"blk.{i}.{p}" for i in range(self.n_layer) for p in PROJECTIONS]
 
 
-def _get(meta: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...] = int) -> Any:
+def _get(meta: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...] = int,
+         default: Any = None) -> Any:
+    """``meta[key]`` checked to be an integer (``kind=int``) or a number (``kind=float``);
+    ``default`` when the key is absent and a default is given, else SparsifyError."""
     if key not in meta:
+        if default is not None:
+            return default
         raise SparsifyError(f"missing key {key}", path)
     v = meta[key]
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         v = v.item()
     if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
         raise SparsifyError(f"key {key} should be an integer, got {v!r:.40}", path)
-    if kind is float and not isinstance(v, (int, float)):
+    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
         raise SparsifyError(f"key {key} should be a number, got {v!r:.40}", path)
     return v
+
+
+def _check(ok: bool, key: str, v: Any, want: str, path: str) -> None:
+    if not ok:
+        raise SparsifyError(f"key {key} has an impossible value {v!r:.40} ({want})", path)
 
 
 def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: str) -> ModelConfig:
     """Build the config from GGUF metadata and the tensor table (for shapes and tied output)."""
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str):
+    if arch is None:
         raise SparsifyError("missing key general.architecture", path)
+    if not isinstance(arch, str):
+        raise SparsifyError(f"key general.architecture should be a string, got {arch!r:.40}",
+                            path)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise SparsifyError(f"unsupported architecture {arch!r} (supported: "
                             f"{', '.join(SUPPORTED_ARCHITECTURES)})", path)
@@ -101,21 +114,43 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: st
     if n_head % n_head_kv:
         raise SparsifyError(f"head_count {n_head} is not a multiple of head_count_kv "
                             f"{n_head_kv}", path)
-    head_dim = meta.get(f"{a}.attention.key_length", d_model // n_head)
-    head_dim_v = meta.get(f"{a}.attention.value_length", head_dim)
+    if d_model < n_head and f"{a}.attention.key_length" not in meta:
+        raise SparsifyError(f"embedding_length {d_model} cannot split into {n_head} heads "
+                            f"(head_count)", path)
+    head_dim = _get(meta, f"{a}.attention.key_length", path, int, d_model // n_head)
+    head_dim_v = _get(meta, f"{a}.attention.value_length", path, int, head_dim)
+    for key, v in (("attention.key_length", head_dim), ("attention.value_length", head_dim_v)):
+        _check(0 < v < 1 << 20, f"{a}.{key}", v, "a head width", path)
     if "token_embd.weight" not in tensors:
         raise SparsifyError("missing tensor token_embd.weight", path)
     vocab_size = int(tensors["token_embd.weight"].shape[0])
-    eps = float(_get(meta, f"{a}.attention.layer_norm_rms_epsilon", path, float))
-    rope_base = float(meta.get(f"{a}.rope.freq_base", 10000.0))
-    rope_dim = int(meta.get(f"{a}.rope.dimension_count", head_dim))
+    # Values that would make every activation NaN or break the rotation are refused here,
+    # not discovered as NaN thresholds after a long profiling pass.
+    key = f"{a}.attention.layer_norm_rms_epsilon"
+    eps = float(_get(meta, key, path, float))
+    _check(math.isfinite(eps) and eps >= 0, key, eps, "finite, >= 0", path)
+    key = f"{a}.rope.freq_base"
+    rope_base = float(_get(meta, key, path, float, 10000.0))
+    _check(math.isfinite(rope_base) and rope_base > 0, key, rope_base, "finite, > 0", path)
+    key = f"{a}.rope.dimension_count"
+    rope_dim = _get(meta, key, path, int, head_dim)
+    _check(0 < rope_dim <= head_dim and rope_dim % 2 == 0, key, rope_dim,
+           f"even, at most the head width {head_dim}", path)
     scaling_type = meta.get(f"{a}.rope.scaling.type", "none")
+    if not isinstance(scaling_type, str):
+        raise SparsifyError(f"key {a}.rope.scaling.type should be a string, got "
+                            f"{scaling_type!r:.40}", path)
     rope_scale = 1.0
     if scaling_type == "linear":
-        rope_scale = float(meta.get(f"{a}.rope.scaling.factor", 1.0)) or 1.0
-    elif scaling_type not in ("none", None):
-        raise SparsifyError(f"unsupported rope scaling {scaling_type!r}", path)
-    context_length = int(meta.get(f"{a}.context_length", 2048))
+        key = f"{a}.rope.scaling.factor"
+        rope_scale = float(_get(meta, key, path, float, 1.0)) or 1.0
+        _check(math.isfinite(rope_scale) and rope_scale > 0, key, rope_scale, "finite, > 0",
+               path)
+    elif scaling_type != "none":
+        raise SparsifyError(f"unsupported rope scaling {scaling_type!r:.40}", path)
+    key = f"{a}.context_length"
+    context_length = _get(meta, key, path, int, 2048)
+    _check(context_length > 0, key, context_length, "> 0", path)
     tied = "output.weight" not in tensors
 
     if arch == "llama":
@@ -137,9 +172,13 @@ def config_from_metadata(meta: dict[str, Any], tensors: dict[str, Any], path: st
     # - local layers use rope base 10000 (rope_freq_base_train_swa), global ones the file's;
     # - attention scale 1/sqrt(key_length) (the 27B variant differs; not supported here);
     # - embeddings scaled by sqrt(n_embd); rope type NEOX; GELU (tanh) gated FFN.
-    window = int(meta.get(f"{a}.attention.sliding_window", 0))
+    key = f"{a}.attention.sliding_window"
+    window = _get(meta, key, path, int, 0)
+    _check(window >= 0, key, window, ">= 0", path)
     swa = tuple(il % 6 < 5 for il in range(n_layer)) if window > 0 else (False,) * n_layer
-    softcap = float(meta.get(f"{a}.final_logit_softcapping", 0.0) or 0.0)
+    key = f"{a}.final_logit_softcapping"
+    softcap = float(_get(meta, key, path, float, 0.0))
+    _check(math.isfinite(softcap) and softcap >= 0, key, softcap, "finite, >= 0", path)
     return ModelConfig(
         arch=arch, n_layer=n_layer, d_model=d_model, d_ff=d_ff, n_head=n_head,
         n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v, vocab_size=vocab_size,
