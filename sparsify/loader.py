@@ -27,8 +27,10 @@ class Loaded:
 
             try:
                 self._tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-            except ValueError as e:
-                raise SparsifyError(str(e), self.path) from None
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+                # Tokenizer keys of the wrong type (numbers where strings belong, ...) fail
+                # inside the vocabulary code in many ways; all of them are a bad file.
+                raise SparsifyError(f"bad tokenizer metadata: {e}", self.path) from None
         return self._tokenizer
 
     def model(self, device: str = "cpu", streaming: bool = False, projector=None):
@@ -85,6 +87,11 @@ def load(spec: str | os.PathLike) -> Loaded:
             if info.shape != shape:
                 raise SparsifyError(f"tensor {name} has shape {list(info.shape)}, expected "
                                     f"{list(shape)} from the metadata", path)
+        tokens = g.metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) > cfg.vocab_size:
+            # Token ids past the embedding's rows would fail at lookup, mid-generation.
+            raise SparsifyError(f"tokenizer.ggml.tokens has {len(tokens)} tokens but "
+                                f"token_embd.weight only {cfg.vocab_size} rows", path)
     except BaseException:
         g.close()
         raise
