@@ -17,7 +17,10 @@ MODEL_HELP = "a .gguf path or a bundled name (smollm2-135m, gemma3-270m)"
 
 
 def _err(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    # Names read from a hostile file may hold terminal escapes, control characters or
+    # unpaired surrogates: print them as escapes, so the message stays one printable line.
+    safe = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in msg)
+    click.echo(f"error: {safe}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
