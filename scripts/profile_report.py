@@ -49,6 +49,15 @@ def _seconds(text: str) -> float:
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
 
 
+def wait_for_quiet(limit_s: float, below: float = 1.0) -> float:
+    """Wait (up to ``limit_s``) until the 1-minute load average drops below ``below``: other
+    jobs on a shared machine inflate timings. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while os.getloadavg()[0] >= below and time.monotonic() - t0 < limit_s:
+        time.sleep(15)
+    return time.monotonic() - t0
+
+
 def timed_profile(model: str, out: Path, criterion: str) -> dict:
     """Run ``sparsify profile`` under /usr/bin/time -v; its measurements as a dict."""
     cmd = [sys.executable, "-m", "sparsify.cli", "profile", model, "-o", str(out),
@@ -203,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--criteria", nargs="+", default=["magnitude"],
                     choices=["magnitude", "weight-aware"])
-    ap.add_argument("--masked-levels", type=float, nargs="*", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--masked-levels", type=float, nargs="*", default=[0.5])
+    ap.add_argument("--quiet-wait", type=float, default=0.0,
+                    help="before each timed run, wait up to this many seconds for the load "
+                         "average to drop below 1")
     ap.add_argument("--tables", type=Path, default=ROOT / "thresholds")
     ap.add_argument("--results", type=Path, default=ROOT / "results")
     a = ap.parse_args(argv)
@@ -216,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.models:
         for criterion in a.criteria:
             out = a.tables / f"{name}.{criterion}.json"
+            waited = wait_for_quiet(a.quiet_wait) if a.quiet_wait else 0.0
             print(f"profiling {name} ({criterion}) -> {out}", file=sys.stderr)
             t = timed_profile(name, out, criterion)
+            t["waited_for_quiet_s"] = round(waited)
             print(f"  {t['wall_s']:.0f} s wall, peak RSS {t['peak_rss_bytes'] / 2**20:.0f} MiB;"
                   f" checking exactness", file=sys.stderr)
             ex = exactness(name, out, a.masked_levels)
@@ -231,13 +245,19 @@ def main(argv: list[str] | None = None) -> int:
                 "budget_s": BUDGET_S[name], "time": t, "exactness": ex,
                 "synthetic": False,
             })
-    mem = a.results / "profile_memory.json"
-    rec["memory"] = json.loads(mem.read_text()) if mem.exists() else None
-    write_atomic(a.results / "profile.json",
-                 (json.dumps(rec, indent=1, sort_keys=True) + "\n").encode(), force=True)
-    write_atomic(a.results / "profile.md", markdown(rec).encode(), force=True)
+            write_records(rec, a.results)  # after every run: a long job keeps what it has
     print(markdown(rec), file=sys.stderr)
     return 0
+
+
+def write_records(rec: dict, results: Path) -> None:
+    from sparsify.table import write_atomic
+
+    mem = results / "profile_memory.json"
+    rec["memory"] = json.loads(mem.read_text()) if mem.exists() else None
+    write_atomic(results / "profile.json",
+                 (json.dumps(rec, indent=1, sort_keys=True) + "\n").encode(), force=True)
+    write_atomic(results / "profile.md", markdown(rec).encode(), force=True)
 
 
 if __name__ == "__main__":

@@ -204,3 +204,34 @@ def test_realized_by_level_agrees_with_masking_projector(tables, tiny):
     j = t.levels.index(0.3)
     one = prof.realized_sparsity(model, seqs, t.thresholds_at(0.3), True, masked=False)
     assert {n: v[j] for n, v in every.items()} == one
+
+
+def test_synthetic_files_do_not_depend_on_thread_count(tmp_path, monkeypatch):
+    import sparsify.synthetic as syn
+
+    monkeypatch.setattr(syn, "CHUNK", 1000)  # several chunks per tensor, generated in parallel
+    spec = preset("tiny", dtype="f16")
+    a = write_synthetic_gguf(tmp_path / "a.gguf", spec, threads=1)
+    b = write_synthetic_gguf(tmp_path / "b.gguf", spec, threads=3)
+    assert a.read_bytes() == b.read_bytes()
+    c = write_synthetic_gguf(tmp_path / "c.gguf", preset("tiny", dtype="f16", seed=7))
+    assert c.read_bytes() != a.read_bytes()
+
+
+def test_synthetic_values_and_metadata(tiny):
+    g = load(tiny).gguf
+    assert g.metadata["general.name"].startswith("synthetic")
+    w = g.dequantize("blk.1.ffn_down.weight")  # (48, 200): fan-in 200
+    bound = np.sqrt(3.0 / 200)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert abs(float(w.std()) - bound / np.sqrt(3.0)) < 0.1 * bound  # uniform: std = a / sqrt 3
+    assert (g.dequantize("blk.0.attn_norm.weight") == 1.0).all()
+    assert load(tiny).tokenizer.decode(load(tiny).tokenizer.encode("héllo\n")) == "héllo\n"
+
+
+def test_llama3_8b_preset_has_the_real_parameter_count():
+    spec = preset("llama3-8b")
+    assert spec.n_params() == 8_030_261_248  # Meta-Llama-3-8B
+    assert spec.dtype == "f16" and spec.head_dim == 128
+    with pytest.raises(ValueError, match="multiple of n_head_kv"):
+        preset("llama3-8b", n_head_kv=5)
