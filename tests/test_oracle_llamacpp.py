@@ -14,7 +14,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_agrees_with_llamacpp(name, loaded, torch_model):
-    r = compare(loaded(name), torch_model(name), greedy_tokens=16)
+    r = compare(loaded(name), torch_model(name), greedy_tokens=8)
     # llama.cpp quantizes activations inside its matmuls: it differs from float32 by
     # ~0.006-0.014 nats per position on average (shared/reference/README.md).
     assert r.mean_kl <= 0.03, r
