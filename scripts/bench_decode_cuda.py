@@ -1,0 +1,196 @@
+"""GPU decode benchmark: engine tests, a synthetic Llama-3-8B-shaped model, tokens/s per level.
+
+``run OUT`` does everything one device session needs, in order of importance, under a deadline:
+
+1. starts writing a synthetic model at Llama-3-8B's shapes (F16, ~16 GB, random weights) in a
+   background process, so the CPU work overlaps with steps 2-3;
+2. builds the CUDA kernels and runs ``tests/test_engine_cuda.py`` on the GPU;
+3. benchmarks a small synthetic model (a smoke test of ``bench_cuda``);
+4. profiles thresholds for the big model (``sparsify profile``, CPU torch) and runs
+   ``sparsify bench --device cuda`` (the same ``run_bench`` call, in this process so the data
+   hash the table check needs is computed once) for fp16, int8, then bf16 while time is left.
+
+Records go to ``OUT/decode_cuda_<card>_<model>_<format>.json``, the log to stdout.
+``table JSON...`` writes the markdown table (``results/decode_cuda.md``) from such records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - START:7.1f} s] {msg}", flush=True)
+
+
+def left(deadline: float) -> float:
+    return deadline - (time.monotonic() - START)
+
+
+def sh(cmd: list[str], timeout: float) -> int:
+    """Run a command with its output in the log; returns the exit code (124 on timeout)."""
+    log("$ " + " ".join(cmd))
+    try:
+        return subprocess.run(cmd, timeout=max(timeout, 1), check=False).returncode
+    except subprocess.TimeoutExpired:
+        log(f"timed out after {timeout:.0f} s")
+        return 124
+
+
+def card_tag(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def bench_one(model: str, table: str | None, levels: list[float], fmt: str, out: Path,
+              tokens: int, repeats: int, label: str) -> Path | None:
+    import torch
+
+    from sparsify.bench import run_bench
+
+    path = out / f"decode_cuda_{card_tag(torch.cuda.get_device_name())}_{label}_{fmt}.json"
+    t0 = time.monotonic()
+    try:
+        run_bench(model, "cuda", levels, table, fmt, tokens, repeats, None, str(path), True)
+    except Exception as e:  # noqa: BLE001 (keep going: later formats may still run)
+        log(f"bench {label} {fmt} failed: {type(e).__name__}: {e}")
+        return None
+    finally:
+        torch.cuda.empty_cache()
+    log(f"bench {label} {fmt}: {time.monotonic() - t0:.0f} s -> {path.name}")
+    return path
+
+
+def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int) -> None:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/sparsify_bench"))
+    work.mkdir(parents=True, exist_ok=True)
+    big = work / "synthetic-llama3-8b.gguf"
+    log(f"torch {torch.__version__} cuda {torch.version.cuda}; {os.cpu_count()} CPUs; "
+        f"device {torch.cuda.get_device_name()}")
+    gen = None
+    if not big.exists():
+        code = ("from sparsify.synthetic import preset, write_synthetic_gguf; "
+                f"write_synthetic_gguf({str(big)!r}, preset('llama3-8b'))")
+        log("writing the synthetic llama3-8b file in the background")
+        gen = subprocess.Popen([sys.executable, "-c", code])
+        gen_t0 = time.monotonic()
+
+    from sparsify_kernels import cuda as kc
+
+    t0 = time.monotonic()
+    kc.load()
+    log(f"kernels built/loaded in {time.monotonic() - t0:.1f} s")
+    rc = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+             "tests/test_engine_cuda.py"], timeout=min(240, left(deadline) - 300))
+    log(f"engine tests exit code {rc}")
+
+    # Small synthetic model: a smoke test of the whole bench path before the big one.
+    from sparsify.synthetic import preset, write_synthetic_gguf
+
+    small = work / "synthetic-small.gguf"
+    write_synthetic_gguf(small, preset("tiny", n_layer=4, d_model=512, d_ff=1536, n_head=8,
+                                       n_head_kv=2, vocab_size=4096, dtype="f16"), threads=4)
+    small_table = work / "synthetic-small.table.json"
+    sh([sys.executable, "-m", "sparsify.cli", "profile", str(small), "--tokens", "512",
+        "--seq-len", "128", "-o", str(small_table), "--force"], timeout=120)
+    bench_one(str(small), str(small_table), [0.0, 0.5], "fp16", out, 64, 3, "synthetic-small")
+
+    if gen is not None:
+        rc = gen.wait(timeout=max(left(deadline) - 200, 1))
+        log(f"synthetic llama3-8b written (rc {rc}) in {time.monotonic() - gen_t0:.0f} s, "
+            f"{big.stat().st_size / 1e9:.1f} GB")
+    table = work / "synthetic-llama3-8b.table.json"
+    # Profiling is CPU torch; keep >= ~200 s for benchmarking after it.
+    ptok = profile_tokens if left(deadline) > 420 else profile_tokens // 2
+    t0 = time.monotonic()
+    rc = sh([sys.executable, "-m", "sparsify.cli", "profile", str(big), "--tokens", str(ptok),
+             "--seq-len", "256", "-o", str(table), "--force"], timeout=left(deadline) - 180)
+    log(f"profile ({ptok} tokens) exit {rc} in {time.monotonic() - t0:.0f} s")
+    if rc != 0:
+        log("no table: dense only")
+    else:
+        shutil.copy(table, out / table.name)
+    levels = [0.0, 0.4, 0.5] if rc == 0 else [0.0]
+    tab = str(table) if rc == 0 else None
+    for fmt in ("fp16", "int8", "bf16"):
+        if left(deadline) < 75:
+            log(f"skipping {fmt}: {left(deadline):.0f} s left")
+            continue
+        bench_one(str(big), tab, levels, fmt, out, tokens, repeats, "synthetic-llama3-8b")
+    log("done")
+
+
+# ------------------------------------------------------------------------------------------------
+# markdown
+# ------------------------------------------------------------------------------------------------
+
+
+def markdown(records: list[dict]) -> str:
+    """One table of every level of every record, each row labelled with its model and card."""
+    lines = ["# GPU decode (batch 1, CUDA graph per token)", "",
+             ("Written by `scripts/bench_decode_cuda.py table` from the JSON records beside it. "
+             "Models marked *synthetic* have random weights at real shapes: their speeds are "
+             "real, their text is not. `% bound` is tokens/s over the bandwidth bound "
+             "(device-to-device copy bandwidth measured in the same run / weight bytes read "
+             "per token); `ideal` is dense bytes / bytes read at that level (the output head "
+             "stays dense)."), ""]
+    seen = set()
+    for r in records:
+        v = r["versions"]
+        key = (r["device"], v.get("driver"), v.get("torch"))
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"- Device: {r['device']} (compute capability "
+                         f"{r.get('compute_capability')}), driver {v.get('driver')}, "
+                         f"CUDA {v.get('cuda')}, torch {v.get('torch')}, sparsify "
+                         f"{v.get('sparsify')}")
+    lines += ["", ("| model | format | sparsity | tok/s (median ± IQR) | speedup | ideal | "
+              "MB/token | GB/s | % bound | copy GB/s |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        model = r["model"] + (" (synthetic)" if r.get("synthetic") else "")
+        for lv in r["levels"]:
+            sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
+            lines.append(
+                f"| {model} | {r['format']} | {lv['sparsity']:.2f} | "
+                f"{lv['tok_s']['median']:.1f} ± {lv['tok_s']['iqr']:.1f} | {sp} | "
+                f"{lv['ideal_speedup']:.2f}x | {lv['bytes_per_token'] / 1e6:.1f} | "
+                f"{lv['gb_s']:.0f} | {lv['pct_of_bound']:.0f}% | "
+                f"{r['copy_bandwidth_GBps']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="tests + benchmarks on this machine's GPU")
+    r.add_argument("out", type=Path)
+    r.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
+    r.add_argument("--tokens", type=int, default=128)
+    r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--profile-tokens", type=int, default=1024)
+    t = sub.add_parser("table", help="markdown table from JSON records")
+    t.add_argument("records", nargs="+", type=Path)
+    t.add_argument("-o", "--output", type=Path, required=True)
+    a = ap.parse_args()
+    if a.cmd == "run":
+        run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens)
+    else:
+        recs = [json.loads(p.read_text()) for p in sorted(a.records)]
+        a.output.write_text(markdown(recs))
+
+
+if __name__ == "__main__":
+    main()
