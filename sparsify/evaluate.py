@@ -226,6 +226,42 @@ def evaluate_levels(model: Model, sequences: torch.Tensor, level_thresholds: Seq
                       seconds=time.perf_counter() - t0)
 
 
+# --- llama-perplexity's scoring ---------------------------------------------------------------
+
+def llama_perplexity_windows(ids: Sequence[int], n_ctx: int, bos: int | None,
+                             chunks: int | None = None) -> list[list[int]]:
+    """The windows llama.cpp's ``llama-perplexity`` evaluates (``tools/perplexity``,
+    ``perplexity()``): consecutive ``n_ctx`` slices of the tokenized text (a trailing partial
+    one dropped, at most ``chunks``), each with its first token replaced by BOS when the model
+    adds BOS."""
+    if n_ctx < 4:
+        raise ValueError(f"n_ctx must be at least 4, got {n_ctx}")
+    n = len(ids) // n_ctx
+    if chunks is not None:
+        n = min(n, chunks)
+    out = []
+    for i in range(n):
+        w = list(ids[i * n_ctx:(i + 1) * n_ctx])
+        if bos is not None:
+            w[0] = bos
+        out.append(w)
+    return out
+
+
+def second_half_nll(logits: np.ndarray, window: Sequence[int]) -> tuple[float, int]:
+    """llama-perplexity's score of one window: the summed NLL of tokens n_ctx/2+1 … n_ctx-1
+    given the logits (n_ctx, V) at positions n_ctx/2 … n_ctx-2 (float64), and their count.
+    The first half of the window is context only."""
+    n_ctx = len(window)
+    if logits.shape[0] != n_ctx:
+        raise ValueError(f"logits have {logits.shape[0]} rows for a window of {n_ctx}")
+    first = n_ctx // 2
+    lg = np.asarray(logits[first:n_ctx - 1], dtype=np.float64)
+    lse = np.logaddexp.reduce(lg, axis=-1)
+    tgt = np.asarray(window[first + 1:n_ctx])
+    return float((lse - lg[np.arange(len(tgt)), tgt]).sum()), len(tgt)
+
+
 # --- text -------------------------------------------------------------------------------------
 
 def text_sequences(loaded, text_path: str | None, tokens: int, seq_len: int,

@@ -10,19 +10,25 @@ import torch
 
 from sparsify.evaluate import (
     evaluate_levels,
+    llama_perplexity_windows,
     projection_params,
     score_rows,
+    second_half_nll,
     weighted_sparsity,
     write_json,
 )
 from sparsify.model import dense_projector, kl_div
+from sparsify.oracle import llamacpp_available
 from sparsify.sparse import MaskingProjector
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(request):
     """The tiny model's products are too small to share among threads: with several, the
     thread pool's synchronisation costs more than the work (10x on a busy machine)."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -160,3 +166,45 @@ def test_weight_aware_levels_use_column_norms(tiny, rng):
     assert res.levels[0].realized != mag.levels[0].realized
     assert res.levels[0].realized == res.levels[1].realized
     assert np.isfinite(res.levels[0].perplexity)
+
+
+def test_llama_perplexity_windows():
+    ids = list(range(10, 31))  # 21 tokens
+    assert llama_perplexity_windows(ids, 8, bos=1) == [[1, *range(11, 18)], [1, *range(19, 26)]]
+    assert llama_perplexity_windows(ids, 8, bos=None, chunks=1) == [list(range(10, 18))]
+    logits = np.zeros((8, 5))
+    logits[4:7, 2] = math.log(3.0)  # p(token 2) = 3/7 at the scored positions
+    nll, n = second_half_nll(logits, [0, 0, 0, 0, 0, 2, 2, 2])
+    assert n == 3 and nll == pytest.approx(-3 * math.log(3 / 7))
+
+
+@pytest.mark.oracle
+@pytest.mark.skipif(not llamacpp_available(), reason="llama-cpp-python is not installed")
+def test_dense_perplexity_matches_llamacpp(loaded, torch_model):
+    """Our dense perplexity on llama-perplexity's windows equals llama.cpp's within 2 %."""
+    from pydoc_data.topics import topics
+
+    from sparsify.oracle import _quiet_stderr, llamacpp_logits, open_llama
+
+    m = loaded("smollm2-135m")
+    model = torch_model("smollm2-135m")
+    text = topics["for"] + "\n\n" + topics["while"] + "\n\n" + topics["with"]
+    n_ctx = 128
+    llm = open_llama(str(m.path), n_ctx=n_ctx)
+    try:
+        with _quiet_stderr():
+            ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        wins = llama_perplexity_windows(ids, n_ctx, None, chunks=3)
+        assert len(wins) == 3
+        ours = theirs = 0.0
+        for w in wins:
+            with torch.inference_mode():
+                ours += second_half_nll(model.forward(torch.tensor([w]))[0].numpy(), w)[0]
+            theirs += second_half_nll(llamacpp_logits(llm, w), w)[0]
+    finally:
+        with _quiet_stderr():
+            llm.close()
+    count = 3 * (n_ctx - 1 - n_ctx // 2)
+    # The project's bound for dense perplexity against llama.cpp (which quantizes activations
+    # inside its products, so it is not bit-equal to a float32 forward).
+    assert math.exp(ours / count) == pytest.approx(math.exp(theirs / count), rel=0.02)
