@@ -393,7 +393,9 @@ def run_eval(spec: str, table_path: str, levels: list[float], method: str, text:
     loaded = load(spec)
     table = ThresholdTable.load(table_path)
     table.check(loaded)
-    thresholds = [table.thresholds_at(s, method) for s in levels]
+    # Level 0 is the same point (every tensor at level 0) whatever the method; allocations are
+    # stored only for positive targets.
+    thresholds = [table.thresholds_at(s, method if s > 0 else "uniform") for s in levels]
     seqs, source = text_sequences(loaded, text, tokens, seq_len)
     model = loaded.model()
     gguf_bytes = {n: loaded.gguf.tensors[n + ".weight"].nbytes for n in loaded.cfg.projection_names}

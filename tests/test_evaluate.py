@@ -208,3 +208,36 @@ def test_dense_perplexity_matches_llamacpp(loaded, torch_model):
     # The project's bound for dense perplexity against llama.cpp (which quantizes activations
     # inside its products, so it is not bit-equal to a float32 forward).
     assert math.exp(ours / count) == pytest.approx(math.exp(theirs / count), rel=0.02)
+
+
+def test_profile_allocate_eval_commands(tiny, tmp_path, capsys):
+    """The three commands end to end on the tiny model: a table, its allocations, a record."""
+    import json
+
+    from sparsify import cli
+    from sparsify.table import ThresholdTable
+
+    model, table, rec = str(tiny.path), tmp_path / "t.json", tmp_path / "e.json"
+    cli.main(["profile", model, "-o", str(table), "--tokens", "512", "--seq-len", "64"])
+    cli.main(["allocate", model, str(table), "--force", "--tokens", "128"])
+    t = ThresholdTable.load(table)
+    assert sorted(t.allocations) == ["cross-layer", "greedy"]
+    assert "0.50" in t.allocations["greedy"] and "0.25" in t.allocations["cross-layer"]
+    capsys.readouterr()
+    argv = ["eval", model, "--table", str(table), "--sparsity", "0,0.5", "--method",
+            "cross-layer", "--tokens", "256", "--seq-len", "64", "--json", str(rec)]
+    cli.main(argv)
+    out = capsys.readouterr().out
+    assert "cross-layer" in out and "dense" in out
+    r = json.loads(rec.read_text())
+    assert r["method"] == "cross-layer" and r["text"]["identity"].endswith(":heldout")
+    assert [lv["target"] for lv in r["levels"]] == [0.0, 0.5]
+    assert r["levels"][0]["mean_kl"] == 0.0
+    # The allocation was made on calibration text; on held-out text it lands near its target.
+    assert abs(r["levels"][1]["realized_model"] - 0.5) < 0.1
+    assert r["sequences"] == 4 and r["machine"]["torch_threads"] >= 1
+    with pytest.raises(SystemExit) as e:  # the record exists: refused without --force
+        cli.main(argv)
+    assert e.value.code == 1 and "--force" in capsys.readouterr().err
+    cli.main([*argv, "--force"])
+    assert json.loads(rec.read_text())["levels"] == r["levels"]  # deterministic
