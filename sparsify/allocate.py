@@ -63,8 +63,9 @@ ALPHA = 0.025
 LEVEL_STEP = 0.025
 # Tokens per calibration window.
 SEQ_LEN = 256
-# Calibration tokens the TEAL greedy measures block errors on (the first windows): each step
-# runs the block about twice, so its time grows with this; the cross-layer estimate uses all.
+# Calibration tokens the TEAL greedy measures block errors on (windows spread over the text):
+# each step runs the block about twice, so its time grows with this; the cross-layer estimate
+# uses all the calibration tokens.
 GREEDY_TOKENS = 1024
 # Labels sampled per position for the cross-layer estimate, and their seed.
 SAMPLES = 2
@@ -465,6 +466,12 @@ def cross_layer_allocation(sal: Saliency, params: dict[str, int],
 
 # ---- the command ---------------------------------------------------------------------------
 
+def _spread(n: int, k: int) -> list[int]:
+    """k of the indices 0..n-1 (at least one, at most n), evenly spaced, in order."""
+    k = max(1, min(n, k))
+    return [i * n // k for i in range(k)]
+
+
 def _clean(v: float) -> float:
     # Levels are written to JSON: round away float noise from the interpolation so that the
     # same computation gives the same bytes.
@@ -477,8 +484,8 @@ def allocate(model: Model, seqs: torch.Tensor, threshold: ThresholdFn, weight_aw
              progress: Callable[[int], None] | None = None) -> dict[str, Allocation]:
     """Allocations by each of ``methods`` for ``targets`` on calibration windows seqs (S, T).
 
-    The greedy uses the first windows holding ``greedy_tokens`` tokens (at least one); the
-    cross-layer estimate uses them all. With the cross-layer estimate computed, every method's
+    The greedy uses ``greedy_tokens // T`` windows (at least one) spread evenly over ``seqs``;
+    the cross-layer estimate uses them all. With the cross-layer estimate computed, every method's
     allocations carry its KL estimate.
     """
     bad = [m for m in methods if m not in METHODS]
@@ -492,8 +499,8 @@ def allocate(model: Model, seqs: torch.Tensor, threshold: ThresholdFn, weight_aw
                        progress=progress)
         out["cross-layer"] = cross_layer_allocation(sal, params, targets)
     if "greedy" in methods:
-        k = max(1, min(len(seqs), greedy_tokens // seqs.shape[1]))
-        paths = greedy_paths(model, seqs[:k], threshold, weight_aware, cap, progress=progress)
+        paths = greedy_paths(model, seqs[_spread(len(seqs), greedy_tokens // seqs.shape[1])],
+                             threshold, weight_aware, cap, progress=progress)
         g = greedy_allocation(paths, targets)
         if sal is not None:
             g.kl_estimate = {key: sal.estimate(lv) for key, lv in g.levels.items()}
@@ -533,7 +540,7 @@ def run_allocate(spec: str, table_path: str, output: str | None, methods: list[s
     seq_len = min(SEQ_LEN, tokens)
     seqs, source = text_sequences(loaded, corpus_path, tokens, seq_len, part="calibration")
     model = loaded.model()
-    n_greedy = max(1, min(len(seqs), GREEDY_TOKENS // seq_len))
+    n_greedy = len(_spread(len(seqs), GREEDY_TOKENS // seq_len))
     total = (len(seqs) if "cross-layer" in methods else 0) + \
         (loaded.cfg.n_layer if "greedy" in methods else 0)
     with tqdm(total=total, desc="allocate", file=sys.stderr, leave=False,
@@ -544,8 +551,8 @@ def run_allocate(spec: str, table_path: str, output: str | None, methods: list[s
         table = table.with_allocations(m, a.levels)
     table.save(dest, force=True)
     print(summary(allocs))
-    print(f"[{source['tokens']} calibration tokens ({source['identity']}; greedy on the first "
-          f"{n_greedy * seq_len}), {time.perf_counter() - t0:.0f} s; wrote {dest}]",
+    print(f"[{source['tokens']} calibration tokens ({source['identity']}; greedy on "
+          f"{n_greedy * seq_len} of them), {time.perf_counter() - t0:.0f} s; wrote {dest}]",
           file=sys.stderr)
 
 
