@@ -50,11 +50,30 @@ def _counts(rows: list[dict], key: str) -> dict[str, int]:
     return out
 
 
-def gguf_rows(H, work: Path) -> list[dict]:
+def gguf_rows(H, work: Path) -> tuple[list[dict], dict]:
+    """One row per GGUF case, and the peak-memory probe of ``info`` over the bombs."""
     from sparsify.bundled import BUNDLED, cache_dir
 
     real = cache_dir() / "models" / BUNDLED["smollm2-135m"].file
     bases = H.make_bases(work / "bases", real)
+    bombs = []
+    for c in H.gguf_cases():
+        if c.bomb and (c.base != "real" or bases.real is not None):
+            bombs.append(c.write(bases, work / f"bomb-{c.id}.gguf"))
+    amp = H.write_amplifier(bases, work / "strings.gguf", 1_000_000)
+    res = H.peak_memory_of_info(work / "bases" / "base-mini.gguf", [*bombs, amp])
+    mib = 1 << 20
+    memory = {
+        "address_space_limit_bytes": 3 << 29,
+        "peak_rss_after_warmup_mib": round(res["base"] / mib, 1),
+        "bombs": [{"file": Path(p).name.removeprefix("bomb-"), "file_bytes": Path(p).stat()
+                   .st_blocks * 512, "exit": code, "peak_growth_mib": round((m - res["base"])
+                                                                           / mib, 1)}
+                  for p, code, m in res["runs"][:-1]],
+        "strings_10mb": {"file_bytes": amp.stat().st_size, "exit": res["runs"][-1][1],
+                         "peak_growth_mib": round((res["runs"][-1][2] - res["base"]) / mib,
+                                                  1)},
+    }
     rows = []
     for c in H.gguf_cases():
         row = {"id": c.id, "group": c.group, "base": c.base, "bomb": c.bomb,
@@ -70,7 +89,7 @@ def gguf_rows(H, work: Path) -> list[dict]:
                            else path.stat().st_size,
                            "stage": stage, "message": msg, "as_expected": ok})
         path.unlink()
-    return rows
+    return rows, memory
 
 
 def table_rows(H, work: Path) -> list[dict]:
@@ -94,26 +113,25 @@ def run_pytest() -> dict:
     passing-example count of every hypothesis test."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "--hypothesis-show-statistics", *TESTS], cwd=ROOT,
-                       capture_output=True, text=True, check=False)
+    # -rP shows passing tests' output: the property tests print how many examples ran.
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider",
+                        *TESTS], cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     outcome = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail)}
-    examples = {}
-    # Statistics blocks: "tests/x.py::test_name:" then "- during generate phase ...:
-    # N passing examples, M failing examples, ...".
-    stats = re.findall(r"^(tests/\S+::\S+):\n((?:  .*\n?)+)", r.stdout, re.MULTILINE)
-    for name, block in stats:
-        m = re.search(r"generate phase.*?: (\d+) passing examples", block)
-        if m:
-            examples[name] = int(m.group(1))
+    # "___ test_name ___" headers, then the captured "hypothesis examples: N".
+    found = re.findall(r"_{3,} (test_\w+) _{3,}\n(?:.*\n)*?hypothesis examples: (\d+)",
+                       r.stdout)
+    examples = {name: int(n) for name, n in found}
+    stops = {name: json.loads(v) for name, v in re.findall(
+        r"_{3,} (test_\w+) _{3,}\n(?:.*\n)*?hypothesis stops: (\{.*\})", r.stdout)}
     return {"returncode": r.returncode, "summary": tail, "outcomes": outcome,
             "wall_s": round(wall, 1),
             "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
                            1),
-            "hypothesis_passing_examples": examples}
+            "hypothesis_examples": examples,
+            "hypothesis_gguf_stops": stops}
 
 
 def main() -> int:
@@ -127,7 +145,7 @@ def main() -> int:
     H = _hostile()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
-        g = gguf_rows(H, Path(tmp))
+        g, memory = gguf_rows(H, Path(tmp))
         t = table_rows(H, Path(tmp))
     corpus_s = time.perf_counter() - t0
     record = {
@@ -142,6 +160,7 @@ def main() -> int:
                  "bombs": sum(r["bomb"] for r in g),
                  "mismatches": [r["id"] for r in g if r.get("as_expected") is False],
                  "list": g},
+        "memory": memory,
         "table": {"cases": len(t), "by_group": _counts(t, "group"),
                   "by_stage": _counts(t, "stage"),
                   "mismatches": [r["id"] for r in t if not r["as_expected"]],

@@ -256,4 +256,4 @@ def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-__all__ = ["Model", "Weights", "KVCache", "dense_projector", "rms_norm", "rope", "kl_div"]
+__all__ = ["KVCache", "Model", "Weights", "dense_projector", "kl_div", "rms_norm", "rope"]

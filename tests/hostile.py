@@ -1089,3 +1089,58 @@ def make_table_bases(workdir: Path, rng: np.random.Generator,
         other.gguf.close()
     text = valid_table(loaded, rng, levels).to_json()
     return TableBases(text, json.loads(text), others), loaded
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+def write_amplifier(bases: Bases, path: Path, n: int) -> Path:
+    """A valid model plus one key holding ``n`` two-character strings: the most memory per file
+    byte a valid header can ask for (a Python str object per 10 bytes)."""
+    g = bases.mini.copy()
+    g.set("vendor.strings", ARR, Raw(struct.pack("<IQ", STR, n)
+                                     + (struct.pack("<Q", 2) + b"ab") * n))
+    path.write_bytes(g.to_bytes())
+    return path
+
+
+_CHILD = r"""
+import json, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from sparsify.cli import main
+
+def info(path):
+    try:
+        main(["info", path])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+warm = info(sys.argv[2])  # imports and first-call costs
+base = rss()
+out = {"warm": warm, "base": base, "runs": []}
+for path in sys.argv[3:]:
+    code = info(path)
+    out["runs"].append([path, code, rss()])
+print("RESULT " + json.dumps(out))
+"""
+
+
+def peak_memory_of_info(warmup: Path, paths: list[Path], limit: int = 3 << 29) -> dict:
+    """Run ``sparsify info`` on ``warmup``, then on each of ``paths``, in one subprocess under
+    an address-space limit (default 1.5 GiB). Returns {"warm": exit code of the warm-up,
+    "base": peak RSS bytes after it, "runs": [[path, exit code, peak RSS bytes after], ...]}.
+    """
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(limit), str(warmup),
+                        *map(str, paths)], capture_output=True, text=True, timeout=300,
+                       check=False)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"memory probe failed: {r.stderr[-2000:]}")
+    return json.loads(line[len("RESULT "):])

@@ -222,12 +222,15 @@ def test_subprocess_errors_are_one_line(env, table_env, tmp_path):
 
 
 def test_ctrl_c_during_profile_leaves_nothing(tmp_path):
-    """SIGINT once progress shows: exit 1, one ``error: interrupted`` line, no table, no temp
-    file. The tiny synthetic model on 4096 tokens profiles for a few seconds after its
-    progress bar starts, time enough to be interrupted mid-pass."""
+    """SIGINT mid-pass: exit 1, one ``error: interrupted`` line, no table, no temp file.
+
+    The tiny synthetic model with 4 blocks profiles 4096 tokens for a few seconds; the signal
+    goes once the progress bar shows block 2, past numba's first-call setup: a SIGINT that
+    lands inside llvmlite's object-cache callback during that setup is swallowed by ctypes
+    (about 1 in 20 signals sent in the first 0.3 s), which no code of ours can see."""
     from sparsify.synthetic import preset, write_synthetic_gguf
 
-    write_synthetic_gguf(tmp_path / "tiny.gguf", preset("tiny"), threads=1)
+    write_synthetic_gguf(tmp_path / "tiny.gguf", preset("tiny", n_layer=4), threads=1)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "sparsify.cli", "profile", "tiny.gguf",
                              "--tokens", "4096", "--seq-len", "256"], cwd=tmp_path,
@@ -235,15 +238,14 @@ def test_ctrl_c_during_profile_leaves_nothing(tmp_path):
     err = b""
     try:
         deadline = time.monotonic() + 120
-        while b"profile:" not in err and time.monotonic() < deadline:
+        while b"blk 2/4" not in err and time.monotonic() < deadline:
             ready, _, _ = select.select([proc.stderr], [], [], 1.0)
             if ready:
                 chunk = os.read(proc.stderr.fileno(), 1 << 16)
                 if not chunk:
                     break
                 err += chunk
-        assert b"profile:" in err, err.decode(errors="replace")
-        time.sleep(0.3)  # into the pass, not at its first line
+        assert b"blk 2/4" in err, err.decode(errors="replace")
         proc.send_signal(signal.SIGINT)
         out, rest = proc.communicate(timeout=60)
     finally:
@@ -254,3 +256,29 @@ def test_ctrl_c_during_profile_leaves_nothing(tmp_path):
     assert_one_error(proc.returncode, err.decode(), r"^error: interrupted$")
     assert out == b""
     assert snapshot(tmp_path) == before, sorted(p.name for p in snapshot(tmp_path) - before)
+
+
+_PROBE = """
+import sys
+
+import sparsify.info as info
+from sparsify import cli
+
+
+def interrupted(spec):
+    exec("raise KeyboardInterrupt")  # as scipy's lazy imports, run by numba mid-profile, do
+
+
+info.describe = interrupted
+sys.argv = ["sparsify", "info", "x"]
+cli.main()
+"""
+
+
+def test_ctrl_c_through_exec_still_exits_1(tmp_path):
+    """A KeyboardInterrupt that passed through exec() of a string makes ``python -m`` end by
+    SIGINT after a clean sys.exit(1) (CPython keeps a flag from the exec); the CLI exits 1."""
+    (tmp_path / "kiprobe.py").write_text(_PROBE)
+    r = subprocess.run([sys.executable, "-m", "kiprobe"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert_one_error(r.returncode, r.stderr, r"^error: interrupted$")

@@ -4,15 +4,18 @@ and no file makes the reader allocate more than its own size."""
 
 from __future__ import annotations
 
-import json
 import re
-import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hostile import ARR, STR, Raw, gguf_cases, make_bases, observe, summary
+from hostile import (
+    gguf_cases,
+    make_bases,
+    observe,
+    peak_memory_of_info,
+    summary,
+    write_amplifier,
+)
 
 CASES = gguf_cases()
 STAGES = ("open", "load", "tokenizer", "weights", "ok")
@@ -57,55 +60,13 @@ def test_gguf_case(case, corpus):
         assert re.search(case.match, msg), msg
 
 
-def _amplifier(bases, path: Path, n: int) -> Path:
-    """A valid model plus one key holding ``n`` two-character strings: the most memory per file
-    byte a valid header can ask for (a Python str object per 10 bytes)."""
-    g = bases.mini.copy()
-    g.set("vendor.strings", ARR, Raw(struct.pack("<IQ", STR, n) + (struct.pack("<Q", 2) + b"ab")
-                                     * n))
-    path.write_bytes(g.to_bytes())
-    return path
-
-
-_CHILD = r"""
-import json, resource, sys
-limit = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from sparsify.cli import main
-
-def info(path):
-    try:
-        main(["info", path])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-warm = info(sys.argv[2])  # imports and first-call costs
-base = rss()
-out = {"warm": warm, "base": base, "runs": []}
-for path in sys.argv[3:]:
-    code = info(path)
-    out["runs"].append([path, code, rss()])
-print("RESULT " + json.dumps(out))
-"""
-
-
 def test_bombs_allocate_nothing(corpus, tmp_path):
     """Under a 1.5 GiB address-space limit, ``info`` refuses every bomb (a small file claiming
     2**62 entries, a 2**63-byte string, ...) without its peak memory growing."""
     root, bases = corpus
     bombs = [case_file(corpus, c) for c in CASES if c.bomb]
-    amp = _amplifier(bases, tmp_path / "strings.gguf", 1_000_000)
-    valid = root / "bases" / "base-mini.gguf"
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(3 << 29), str(valid),
-                        *map(str, bombs), str(amp)], capture_output=True, text=True, timeout=120,
-                       check=False)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line is not None, r.stderr[-2000:]
-    res = json.loads(line[len("RESULT "):])
+    amp = write_amplifier(bases, tmp_path / "strings.gguf", 1_000_000)
+    res = peak_memory_of_info(root / "bases" / "base-mini.gguf", [*bombs, amp])
     assert res["warm"] == 0
     *bomb_runs, amp_run = res["runs"]
     assert [code for _, code, _ in bomb_runs] == [1] * len(bombs)
