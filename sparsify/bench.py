@@ -183,7 +183,8 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
         numba.set_num_threads(old)
     return {
         "kind": "decode", "device": cpu_name(), "device_type": "cpu", "threads": threads,
-        "cores": os.cpu_count(), "versions": versions(), "model": loaded.path.name,
+        "cores": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
+        "versions": versions(), "model": loaded.path.name,
         "architecture": loaded.cfg.arch, "synthetic": is_synthetic(loaded), "format": fmt,
         "tokens": tokens, "repeats": repeats, "prompt": BENCH_PROMPT,
         "table": None if table is None else {"criterion": table.criterion},

@@ -10,7 +10,7 @@ import pytest
 
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsify.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sparsify.cli", *args], capture_output=True, check=False,
                           text=True, timeout=timeout)
 
 
