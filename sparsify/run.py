@@ -33,6 +33,10 @@ def run_generate(spec: str, prompt: str, n: int, temperature: float, seed: int,
 
         apply_table(model, m, table, sparsity)
     ids = tok.encode(prompt)
+    if not ids:
+        from .errors import SparsifyError
+
+        raise SparsifyError("the prompt is empty and the model adds no BOS token")
     stats = []
     stream = tok.stream_decoder()
     click.echo(prompt, nl=False)
