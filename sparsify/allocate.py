@@ -145,12 +145,13 @@ class _IncrementalProjector:
 
 def greedy_path(model: Model, block: int, h_in: torch.Tensor, h_ref: torch.Tensor,
                 pos: torch.Tensor, threshold: ThresholdFn, weight_aware: bool, cap: float,
-                alpha: float = ALPHA, lazy: bool = True) -> Path:
+                alpha: float = ALPHA, lazy: bool = True, stop: float = 1.0) -> Path:
     """TEAL's block-wise greedy path for block ``block`` (see the module docstring).
 
     h_in (S, T, D) float32: the block's dense input on the calibration windows; h_ref (S, T, D)
     its dense output; pos (T,) positions; ``threshold(name, level)`` a tensor's threshold at a
-    level; ``cap`` the highest level (the table's top). Restores the model's projector.
+    level; ``cap`` the highest level (the table's top); the path ends once the block's
+    sparsity reaches ``stop`` (or every tensor is at ``cap``). Restores the model's projector.
 
     With ``lazy`` (the default) a step re-evaluates candidates in order of their last known
     cost and takes the first whose fresh cost is still the lowest: the standard lazy greedy,
@@ -200,7 +201,7 @@ def greedy_path(model: Model, block: int, h_in: torch.Tensor, h_ref: torch.Tenso
             path.sparsity.append(0.0)
             path.levels.append(dict(levels))
             path.mse.append(err)
-            while True:
+            while path.sparsity[-1] < stop - 1e-12:
                 open_ = [p for p in PROJECTIONS if levels[p] < cap - 1e-9]
                 if not open_:
                     break
@@ -245,14 +246,15 @@ def dense_block_states(model: Model, seqs: torch.Tensor):
 
 
 def greedy_paths(model: Model, seqs: torch.Tensor, threshold: ThresholdFn, weight_aware: bool,
-                 cap: float, alpha: float = ALPHA,
+                 cap: float, alpha: float = ALPHA, stop: float = 1.0,
                  progress: Callable[[int], None] | None = None) -> list[Path]:
-    """Every block's greedy path on calibration windows seqs (S, T) int64."""
+    """Every block's greedy path on calibration windows seqs (S, T) int64, each up to block
+    sparsity ``stop``."""
     pos = torch.arange(seqs.shape[1])
     paths = []
     for i, h_in, h_out in dense_block_states(model, seqs):
         paths.append(greedy_path(model, i, h_in, h_out, pos, threshold, weight_aware, cap,
-                                 alpha))
+                                 alpha, stop=stop))
         if progress:
             progress(1)
     return paths
@@ -500,7 +502,8 @@ def allocate(model: Model, seqs: torch.Tensor, threshold: ThresholdFn, weight_aw
         out["cross-layer"] = cross_layer_allocation(sal, params, targets)
     if "greedy" in methods:
         paths = greedy_paths(model, seqs[_spread(len(seqs), greedy_tokens // seqs.shape[1])],
-                             threshold, weight_aware, cap, progress=progress)
+                             threshold, weight_aware, cap, stop=max(targets),
+                             progress=progress)
         g = greedy_allocation(paths, targets)
         if sal is not None:
             g.kl_estimate = {key: sal.estimate(lv) for key, lv in g.levels.items()}
