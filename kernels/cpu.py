@@ -16,13 +16,16 @@ How a call runs:
 2. The kept rows are streamed eight at a time: ``out[j] += a0*w0[j] + ... + a7*w7[j]``.
    Eight rows per pass cut the read-modify-write traffic on ``out`` by eight while the
    loop over j stays unit-stride, so LLVM vectorizes it (AVX2/AVX-512 FMAs).
-3. Parallel variants split the *outputs* into one contiguous chunk per thread (aligned to 64
-   bytes, and to whole groups for int8); every thread walks the same row list, so there is no
-   reduction and no scratch beyond ``rows``.
+3. Parallel variants split the *kept-row list* (split-K): chunk c of ``partial.shape[0]`` streams
+   its share of the rows, full width, into ``partial[c]``; the chunks are then summed into
+   ``out``. Every thread reads whole weight rows, the longest contiguous runs the layout has;
+   splitting the outputs instead cuts every row into pieces, which measured slower, most of all
+   for K > N (see kernels/README.md).
 
-Nothing is allocated per call: ``out`` (overwritten, not accumulated into) and ``rows`` come
-from the caller. ``fastmath`` is limited to ``contract`` (FMA fusion) in the streaming loops: no
-``nnan``/``ninf`` flags anywhere, so the NaN-keeping compare and NaN propagation stay IEEE-exact.
+Nothing is allocated per call: ``out`` (overwritten, not accumulated into), ``rows`` and
+``partial`` come from the caller (:func:`workspace` makes them once). ``fastmath`` is limited to
+``contract`` (FMA fusion) in the streaming loops: no ``nnan``/``ninf`` flags anywhere, so the
+NaN-keeping compare and NaN propagation stay IEEE-exact.
 
 Two levels of API:
 - raw njit functions (``sparse_fp32_serial`` ... ``dense_int8_parallel``, ``select_rows``) for
@@ -59,14 +62,12 @@ __all__ = [
     "sparse_gemv_int8_into",
     "sparse_int8_parallel",
     "sparse_int8_serial",
+    "workspace",
 ]
 
 # FMA contraction only. Reassociation is not needed (the inner loop is elementwise, so it
 # vectorizes without it) and nnan/ninf would let LLVM rewrite NOT(s <= t) as (s > t).
 _FAST = {"contract"}
-
-# Parallel chunks start on 64-byte boundaries: 16 float32 outputs.
-_FP32_ALIGN = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,15 +105,13 @@ def _row(rows, r):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _fp32_rows(wt, x, rows, m, out_all, n0, n1):
-    # Slicing to [n0, n1) makes every inner index start at 0: with a variable lower bound numba's
-    # negative-index wraparound check stays in the loop and blocks vectorization.
-    out = out_all[n0:n1]
-    nn = out.shape[0]
-    for j in range(nn):
+def _fp32_rows(wt, x, rows, r0, r1, out):
+    """out (N,) = sum over r in [r0, r1) of x[i] * wt[i], i = rows[r] (or r if rows is None)."""
+    n = out.shape[0]
+    for j in range(n):
         out[j] = 0.0
-    r = 0
-    while r + 8 <= m:
+    r = r0
+    while r + 8 <= r1:
         i0 = _row(rows, r)
         i1 = _row(rows, r + 1)
         i2 = _row(rows, r + 2)
@@ -123,34 +122,32 @@ def _fp32_rows(wt, x, rows, m, out_all, n0, n1):
         i7 = _row(rows, r + 7)
         a0, a1, a2, a3 = x[i0], x[i1], x[i2], x[i3]
         a4, a5, a6, a7 = x[i4], x[i5], x[i6], x[i7]
-        w0, w1, w2, w3 = wt[i0, n0:n1], wt[i1, n0:n1], wt[i2, n0:n1], wt[i3, n0:n1]
-        w4, w5, w6, w7 = wt[i4, n0:n1], wt[i5, n0:n1], wt[i6, n0:n1], wt[i7, n0:n1]
-        for j in range(nn):
+        w0, w1, w2, w3 = wt[i0], wt[i1], wt[i2], wt[i3]
+        w4, w5, w6, w7 = wt[i4], wt[i5], wt[i6], wt[i7]
+        for j in range(n):
             out[j] += (a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]) + (
                 a4 * w4[j] + a5 * w5[j] + a6 * w6[j] + a7 * w7[j]
             )
         r += 8
-    while r < m:  # at most 7 leftover rows
+    while r < r1:  # at most 7 leftover rows
         i0 = _row(rows, r)
         a0 = x[i0]
-        w0 = wt[i0, n0:n1]
-        for j in range(nn):
+        w0 = wt[i0]
+        for j in range(n):
             out[j] += a0 * w0[j]
         r += 1
 
 
 @njit(cache=True, fastmath=_FAST)
-def _int8_rows(q, scales, group, x, rows, m, out_all, n0, n1):
-    # Requires n0 % group == 0 (chunks start on group boundaries). Called with a literal group
-    # (64), the loop over a group's outputs has a constant trip count that LLVM unrolls fully.
-    out = out_all[n0:n1]
-    nn = out.shape[0]
-    g0 = n0 // group
-    n_full = nn // group
-    for j in range(nn):
+def _int8_rows(q, scales, group, x, rows, r0, r1, out):
+    """As :func:`_fp32_rows` for int8 codes with group scales. Called with a literal group (64)
+    the loop over a group's outputs has a constant trip count that LLVM unrolls fully."""
+    n = out.shape[0]
+    n_full = n // group
+    for j in range(n):
         out[j] = 0.0
-    r = 0
-    while r + 8 <= m:
+    r = r0
+    while r + 8 <= r1:
         i0 = _row(rows, r)
         i1 = _row(rows, r + 1)
         i2 = _row(rows, r + 2)
@@ -161,14 +158,16 @@ def _int8_rows(q, scales, group, x, rows, m, out_all, n0, n1):
         i7 = _row(rows, r + 7)
         a0, a1, a2, a3 = x[i0], x[i1], x[i2], x[i3]
         a4, a5, a6, a7 = x[i4], x[i5], x[i6], x[i7]
-        q0, q1, q2, q3 = q[i0, n0:n1], q[i1, n0:n1], q[i2, n0:n1], q[i3, n0:n1]
-        q4, q5, q6, q7 = q[i4, n0:n1], q[i5, n0:n1], q[i6, n0:n1], q[i7, n0:n1]
-        s0, s1, s2, s3 = scales[i0, g0:], scales[i1, g0:], scales[i2, g0:], scales[i3, g0:]
-        s4, s5, s6, s7 = scales[i4, g0:], scales[i5, g0:], scales[i6, g0:], scales[i7, g0:]
+        q0, q1, q2, q3 = q[i0], q[i1], q[i2], q[i3]
+        q4, q5, q6, q7 = q[i4], q[i5], q[i6], q[i7]
+        s0, s1, s2, s3 = scales[i0], scales[i1], scales[i2], scales[i3]
+        s4, s5, s6, s7 = scales[i4], scales[i5], scales[i6], scales[i7]
         for g in range(n_full):
             # x[i] * scale once per group; the inner loop is then a plain int8 -> fp32 FMA stream.
             b0, b1, b2, b3 = a0 * s0[g], a1 * s1[g], a2 * s2[g], a3 * s3[g]
             b4, b5, b6, b7 = a4 * s4[g], a5 * s5[g], a6 * s6[g], a7 * s7[g]
+            # Slices make every inner index start at 0: with a variable lower bound numba's
+            # negative-index wraparound check would stay in the loop and block vectorization.
             j0 = g * group
             o = out[j0 : j0 + group]
             p0, p1, p2, p3 = q0[j0:], q1[j0:], q2[j0:], q3[j0:]
@@ -186,113 +185,117 @@ def _int8_rows(q, scales, group, x, rows, m, out_all, n0, n1):
                     + b7 * np.float32(p7[j])
                 )
         r += 8
-    # Leftover rows (at most 7) over the full groups, then every kept row over the short last
-    # group that exists only when group does not divide the chunk: one row at a time, rare.
-    for rr in range(m):
+    # Leftover rows (at most 7) over the full groups, then every row over the short last group
+    # that exists only when group does not divide N: one row at a time, rare.
+    n_groups = n_full + (n_full * group < n)
+    for rr in range(r0, r1):
         i0 = _row(rows, rr)
         g_from = n_full if rr < r else 0
-        for g in range(g_from, n_full + (n_full * group < nn)):
-            b0 = x[i0] * scales[i0, g0 + g]
+        for g in range(g_from, n_groups):
+            b0 = x[i0] * scales[i0, g]
             j0 = g * group
-            o = out[j0 : min(nn, j0 + group)]
-            p0 = q[i0, n0 + j0 : n0 + j0 + o.shape[0]]
+            o = out[j0 : min(n, j0 + group)]
+            p0 = q[i0, j0 : j0 + o.shape[0]]
             for j in range(o.shape[0]):
                 o[j] += b0 * np.float32(p0[j])
 
 
 @njit(cache=True)
-def _int8_dispatch(q, scales, group, x, rows, m, out, n0, n1):
+def _int8_dispatch(q, scales, group, x, rows, r0, r1, out):
     # The default group as a compile-time constant: ~5-10 % faster on 4096x14336 than the same
     # code with a run-time group (measured), for one extra specialization.
     if group == DEFAULT_GROUP:
-        _int8_rows(q, scales, DEFAULT_GROUP, x, rows, m, out, n0, n1)
+        _int8_rows(q, scales, DEFAULT_GROUP, x, rows, r0, r1, out)
     else:
-        _int8_rows(q, scales, group, x, rows, m, out, n0, n1)
+        _int8_rows(q, scales, group, x, rows, r0, r1, out)
 
 
-@njit(cache=True)
-def _chunk_step(n, unit, n_threads):
-    """Outputs per parallel chunk: n split n_threads ways, rounded up to a multiple of unit."""
-    per = (n + n_threads - 1) // n_threads
-    step = (per + unit - 1) // unit * unit
-    return max(step, unit)
+@njit(cache=True, fastmath=_FAST)
+def _sum_partials(partial, out):
+    """out (N,) = sum over chunks of partial (C, N)."""
+    n = out.shape[0]
+    p0 = partial[0]
+    for j in range(n):
+        out[j] = p0[j]
+    for c in range(1, partial.shape[0]):
+        pc = partial[c]
+        for j in range(n):
+            out[j] += pc[j]
+
+
+@njit(cache=True, parallel=True)
+def _fp32_split(wt, x, rows, m, out, partial):
+    n_chunks = partial.shape[0]
+    for c in prange(n_chunks):
+        # Chunk c takes rows [c*m/C, (c+1)*m/C) of the kept list: shares differ by at most one.
+        _fp32_rows(wt, x, rows, c * m // n_chunks, (c + 1) * m // n_chunks, partial[c])
+    _sum_partials(partial, out)
+
+
+@njit(cache=True, parallel=True)
+def _int8_split(q, scales, group, x, rows, m, out, partial):
+    n_chunks = partial.shape[0]
+    for c in prange(n_chunks):
+        r0 = c * m // n_chunks
+        _int8_dispatch(q, scales, group, x, rows, r0, (c + 1) * m // n_chunks, partial[c])
+    _sum_partials(partial, out)
 
 
 @njit(cache=True)
 def sparse_fp32_serial(wt, x, threshold, channel_scale, out, rows):
     """out (N,) = sparse GEMV of input-major float32 wt (K, N); returns the kept-row count."""
     m = select_rows(x, threshold, channel_scale, rows)
-    _fp32_rows(wt, x, rows, m, out, 0, wt.shape[1])
+    _fp32_rows(wt, x, rows, 0, m, out)
     return m
 
 
 @njit(cache=True)
 def dense_fp32_serial(wt, x, out):
     """out (N,) = x @ wt for input-major float32 wt (K, N): the same loop with every row kept."""
-    _fp32_rows(wt, x, None, wt.shape[0], out, 0, wt.shape[1])
-
-
-@njit(cache=True, parallel=True)
-def _fp32_parallel(wt, x, rows, m, out, n_chunks):
-    n = wt.shape[1]
-    step = _chunk_step(n, _FP32_ALIGN, n_chunks)
-    for c in prange((n + step - 1) // step):
-        n0 = c * step
-        _fp32_rows(wt, x, rows, m, out, n0, min(n, n0 + step))
+    _fp32_rows(wt, x, None, 0, wt.shape[0], out)
 
 
 @njit(cache=True)
-def sparse_fp32_parallel(wt, x, threshold, channel_scale, out, rows, n_chunks):
-    """Parallel :func:`sparse_fp32_serial`: outputs split into n_chunks contiguous chunks run
-    under prange (pass ``numba.get_num_threads()``: one chunk per thread)."""
+def sparse_fp32_parallel(wt, x, threshold, channel_scale, out, rows, partial):
+    """Parallel :func:`sparse_fp32_serial`, split-K over ``partial.shape[0]`` chunks run under
+    prange; partial float32 (C, N) scratch, C >= 1 (one chunk per thread is best)."""
     m = select_rows(x, threshold, channel_scale, rows)
-    _fp32_parallel(wt, x, rows, m, out, n_chunks)
+    _fp32_split(wt, x, rows, m, out, partial)
     return m
 
 
 @njit(cache=True)
-def dense_fp32_parallel(wt, x, out, n_chunks):
-    """Parallel :func:`dense_fp32_serial`, chunked as :func:`sparse_fp32_parallel`."""
-    _fp32_parallel(wt, x, None, wt.shape[0], out, n_chunks)
+def dense_fp32_parallel(wt, x, out, partial):
+    """Parallel :func:`dense_fp32_serial`, split as :func:`sparse_fp32_parallel`."""
+    _fp32_split(wt, x, None, wt.shape[0], out, partial)
 
 
 @njit(cache=True)
 def sparse_int8_serial(q, scales, group, x, threshold, channel_scale, out, rows):
     """out (N,) = sparse GEMV of int8 q (K, N) with scales (K, ceil(N/G)); returns kept rows."""
     m = select_rows(x, threshold, channel_scale, rows)
-    _int8_dispatch(q, scales, group, x, rows, m, out, 0, q.shape[1])
+    _int8_dispatch(q, scales, group, x, rows, 0, m, out)
     return m
 
 
 @njit(cache=True)
 def dense_int8_serial(q, scales, group, x, out):
     """out (N,) = x @ dequant(q, scales) with every row kept."""
-    _int8_dispatch(q, scales, group, x, None, q.shape[0], out, 0, q.shape[1])
-
-
-@njit(cache=True, parallel=True)
-def _int8_parallel(q, scales, group, x, rows, m, out, n_chunks):
-    n = q.shape[1]
-    # Chunks cover whole groups and start on 64-byte boundaries where the group allows.
-    unit = group * max(1, 64 // group)
-    step = _chunk_step(n, unit, n_chunks)
-    for c in prange((n + step - 1) // step):
-        n0 = c * step
-        _int8_dispatch(q, scales, group, x, rows, m, out, n0, min(n, n0 + step))
+    _int8_dispatch(q, scales, group, x, None, 0, q.shape[0], out)
 
 
 @njit(cache=True)
-def sparse_int8_parallel(q, scales, group, x, threshold, channel_scale, out, rows, n_chunks):
-    """Parallel :func:`sparse_int8_serial`, chunked as :func:`sparse_fp32_parallel`."""
+def sparse_int8_parallel(q, scales, group, x, threshold, channel_scale, out, rows, partial):
+    """Parallel :func:`sparse_int8_serial`, split as :func:`sparse_fp32_parallel`."""
     m = select_rows(x, threshold, channel_scale, rows)
-    _int8_parallel(q, scales, group, x, rows, m, out, n_chunks)
+    _int8_split(q, scales, group, x, rows, m, out, partial)
     return m
 
 
 @njit(cache=True)
-def dense_int8_parallel(q, scales, group, x, out, n_chunks):
-    """Parallel :func:`dense_int8_serial`, chunked as :func:`sparse_fp32_parallel`."""
-    _int8_parallel(q, scales, group, x, None, q.shape[0], out, n_chunks)
+def dense_int8_parallel(q, scales, group, x, out, partial):
+    """Parallel :func:`dense_int8_serial`, split as :func:`sparse_fp32_parallel`."""
+    _int8_split(q, scales, group, x, None, q.shape[0], out, partial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,10 +303,13 @@ def dense_int8_parallel(q, scales, group, x, out, n_chunks):
 # ---------------------------------------------------------------------------------------------
 
 
-def _n_chunks() -> int:
-    # Read per call, not inside the kernel: numba cannot cache a function that calls
-    # get_num_threads() (it reads a thread-local through a pointer baked into the code).
-    return numba.get_num_threads()
+def workspace(k: int, n: int, n_chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scratch for one (K, N) projection: ``rows`` int32 (K,) and ``partial`` float32 (C, N),
+    C = n_chunks or numba's current thread count. Allocate once, reuse for every call."""
+    c = numba.get_num_threads() if n_chunks is None else int(n_chunks)
+    if c < 1:
+        raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
+    return np.empty(k, dtype=np.int32), np.empty((c, n), dtype=np.float32)
 
 
 def _describe(a: object) -> str:
@@ -359,21 +365,30 @@ def _check_channel_scale(channel_scale: object, k: int) -> None:
         _check_array("channel_scale", channel_scale, np.float32, (k,))
 
 
+def _check_partial(partial: object, n: int, *inputs: object) -> None:
+    if partial is not None:
+        if not isinstance(partial, np.ndarray) or partial.ndim != 2:
+            raise TypeError(f"partial must be a 2-D float32 ndarray (C, N), got {_describe(partial)}")
+        _check_out("partial", partial, np.float32, (max(partial.shape[0], 1), n), *inputs)
+
+
 def sparse_gemv_fp32_into(
     wt: np.ndarray,
     x: np.ndarray,
     threshold: float,
     out: np.ndarray,
     rows: np.ndarray,
+    partial: np.ndarray | None = None,
     *,
     channel_scale: np.ndarray | None = None,
-    parallel: bool = True,
 ) -> int:
     """Checked sparse GEMV on input-major float32 weights; writes ``out``, returns kept rows.
 
     wt float32 (K, N) C-contiguous, row i multiplies x[i]; x float32 (K,); threshold: a real
     number, rounded to float32; out float32 (N,) (overwritten); rows int32 (K,) scratch;
-    channel_scale None (magnitude score) or float32 (K,) (weight-aware score |x|*c).
+    partial: None runs the serial kernel, a float32 (C, N) scratch runs the parallel kernel
+    split over C chunks (see :func:`workspace`); channel_scale None (magnitude score) or
+    float32 (K,) (weight-aware score |x|*c).
     """
     k, n = _check_weights_fp32(wt)
     _check_array("x", x, np.float32, (k,))
@@ -381,22 +396,24 @@ def sparse_gemv_fp32_into(
     t = _check_threshold(threshold)
     _check_out("out", out, np.float32, (n,), x, wt, channel_scale)
     _check_out("rows", rows, np.int32, (k,), x, wt, channel_scale, out)
-    if parallel:
-        return int(sparse_fp32_parallel(wt, x, t, channel_scale, out, rows, _n_chunks()))
-    return int(sparse_fp32_serial(wt, x, t, channel_scale, out, rows))
+    _check_partial(partial, n, x, wt, channel_scale, out, rows)
+    if partial is None:
+        return int(sparse_fp32_serial(wt, x, t, channel_scale, out, rows))
+    return int(sparse_fp32_parallel(wt, x, t, channel_scale, out, rows, partial))
 
 
 def dense_gemv_fp32_into(
-    wt: np.ndarray, x: np.ndarray, out: np.ndarray, *, parallel: bool = True
+    wt: np.ndarray, x: np.ndarray, out: np.ndarray, partial: np.ndarray | None = None
 ) -> None:
     """Checked dense twin of :func:`sparse_gemv_fp32_into`: out (N,) = x @ wt, wt (K, N)."""
     k, n = _check_weights_fp32(wt)
     _check_array("x", x, np.float32, (k,))
     _check_out("out", out, np.float32, (n,), x, wt)
-    if parallel:
-        dense_fp32_parallel(wt, x, out, _n_chunks())
-    else:
+    _check_partial(partial, n, x, wt, out)
+    if partial is None:
         dense_fp32_serial(wt, x, out)
+    else:
+        dense_fp32_parallel(wt, x, out, partial)
 
 
 def sparse_gemv_int8_into(
@@ -407,9 +424,9 @@ def sparse_gemv_int8_into(
     threshold: float,
     out: np.ndarray,
     rows: np.ndarray,
+    partial: np.ndarray | None = None,
     *,
     channel_scale: np.ndarray | None = None,
-    parallel: bool = True,
 ) -> int:
     """Checked sparse GEMV on int8 input-major weights; writes ``out``, returns kept rows.
 
@@ -422,12 +439,11 @@ def sparse_gemv_int8_into(
     t = _check_threshold(threshold)
     _check_out("out", out, np.float32, (n,), x, q, scales, channel_scale)
     _check_out("rows", rows, np.int32, (k,), x, q, scales, channel_scale, out)
+    _check_partial(partial, n, x, q, scales, channel_scale, out, rows)
     g = int(group)
-    if parallel:
-        return int(
-            sparse_int8_parallel(q, scales, g, x, t, channel_scale, out, rows, _n_chunks())
-        )
-    return int(sparse_int8_serial(q, scales, g, x, t, channel_scale, out, rows))
+    if partial is None:
+        return int(sparse_int8_serial(q, scales, g, x, t, channel_scale, out, rows))
+    return int(sparse_int8_parallel(q, scales, g, x, t, channel_scale, out, rows, partial))
 
 
 def dense_gemv_int8_into(
@@ -436,17 +452,17 @@ def dense_gemv_int8_into(
     group: int,
     x: np.ndarray,
     out: np.ndarray,
-    *,
-    parallel: bool = True,
+    partial: np.ndarray | None = None,
 ) -> None:
     """Checked dense twin of :func:`sparse_gemv_int8_into`."""
     k, n = _check_weights_int8(q, scales, group)
     _check_array("x", x, np.float32, (k,))
     _check_out("out", out, np.float32, (n,), x, q, scales)
-    if parallel:
-        dense_int8_parallel(q, scales, int(group), x, out, _n_chunks())
-    else:
+    _check_partial(partial, n, x, q, scales, out)
+    if partial is None:
         dense_int8_serial(q, scales, int(group), x, out)
+    else:
+        dense_int8_parallel(q, scales, int(group), x, out, partial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,18 +481,17 @@ def sparse_gemv_fp32(
     """Sparse GEMV, float32 (N,) result; see :func:`sparse_gemv_fp32_into`."""
     k, n = _check_weights_fp32(wt)
     out = np.empty(n, dtype=np.float32)
-    rows = np.empty(k, dtype=np.int32)
-    sparse_gemv_fp32_into(
-        wt, x, threshold, out, rows, channel_scale=channel_scale, parallel=parallel
-    )
+    rows, partial = workspace(k, n)
+    partial = partial if parallel else None
+    sparse_gemv_fp32_into(wt, x, threshold, out, rows, partial, channel_scale=channel_scale)
     return out
 
 
 def dense_gemv_fp32(wt: np.ndarray, x: np.ndarray, *, parallel: bool = True) -> np.ndarray:
     """Dense twin, float32 (N,) result; see :func:`dense_gemv_fp32_into`."""
-    _, n = _check_weights_fp32(wt)
+    k, n = _check_weights_fp32(wt)
     out = np.empty(n, dtype=np.float32)
-    dense_gemv_fp32_into(wt, x, out, parallel=parallel)
+    dense_gemv_fp32_into(wt, x, out, workspace(k, n)[1] if parallel else None)
     return out
 
 
@@ -493,9 +508,10 @@ def sparse_gemv_int8(
     """Sparse int8 GEMV, float32 (N,) result; see :func:`sparse_gemv_int8_into`."""
     k, n = _check_weights_int8(q, scales, group)
     out = np.empty(n, dtype=np.float32)
-    rows = np.empty(k, dtype=np.int32)
+    rows, partial = workspace(k, n)
+    partial = partial if parallel else None
     sparse_gemv_int8_into(
-        q, scales, group, x, threshold, out, rows, channel_scale=channel_scale, parallel=parallel
+        q, scales, group, x, threshold, out, rows, partial, channel_scale=channel_scale
     )
     return out
 
@@ -504,7 +520,7 @@ def dense_gemv_int8(
     q: np.ndarray, scales: np.ndarray, group: int, x: np.ndarray, *, parallel: bool = True
 ) -> np.ndarray:
     """Dense int8 twin, float32 (N,) result; see :func:`dense_gemv_int8_into`."""
-    _, n = _check_weights_int8(q, scales, group)
+    k, n = _check_weights_int8(q, scales, group)
     out = np.empty(n, dtype=np.float32)
-    dense_gemv_int8_into(q, scales, group, x, out, parallel=parallel)
+    dense_gemv_int8_into(q, scales, group, x, out, workspace(k, n)[1] if parallel else None)
     return out

@@ -43,14 +43,13 @@ def _data(rng: np.random.Generator, k: int, n: int) -> tuple[np.ndarray, np.ndar
     return wt, x
 
 
-def _run_fp32(wt, x, t, c, parallel, n_chunks=None):
+def _run_fp32(wt, x, t, c, parallel, n_chunks=2):
+    """Checked sparse fp32 call; parallel runs the split-K kernel over n_chunks chunks."""
     k, n = wt.shape
     out = np.full(n, np.nan, dtype=np.float32)  # NaN fill: a skipped output write would show
-    rows = np.empty(k, dtype=np.int32)
-    if n_chunks is None:
-        m = cpu.sparse_gemv_fp32_into(wt, x, t, out, rows, channel_scale=c, parallel=parallel)
-    else:
-        m = cpu.sparse_fp32_parallel(wt, x, np.float32(t), c, out, rows, n_chunks)
+    rows, partial = cpu.workspace(k, n, n_chunks)
+    partial = partial if parallel else None
+    m = cpu.sparse_gemv_fp32_into(wt, x, t, out, rows, partial, channel_scale=c)
     return out, rows, m
 
 
@@ -82,10 +81,10 @@ def test_fp32_dense_twin_matches_reference(rng, k, n):
         assert np.all(np.abs(out - want) <= _bound(wt, x, keep))
 
 
-@pytest.mark.parametrize("n_chunks", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("n_chunks", [1, 3, 7, 64])
 def test_parallel_chunk_edges(rng, n_chunks):
-    # 577 outputs split into 1..64 chunks of 16-aligned widths: chunks end mid-vector, the last
-    # chunk is short, and at 64 chunks some are empty.
+    # 100 kept rows split 1..64 ways: shares of 100, 33/34, 14/15 and 1/2 rows, so chunks end
+    # mid-block of eight and some hold only leftover rows.
     wt, x = _data(rng, 200, 577)
     t = _threshold_for(x, 0.5)
     out, _, _ = _run_fp32(wt, x, t, None, True, n_chunks=n_chunks)
@@ -185,8 +184,9 @@ def test_int8_matches_its_dequantized_reference(rng, k, n, group, parallel):
         t = _threshold_for(x, sparsity)
         keep = ref.keep_mask(x, t)
         out = np.full(n, np.nan, dtype=np.float32)
-        rows = np.empty(k, dtype=np.int32)
-        m = cpu.sparse_gemv_int8_into(q, s, group, x, t, out, rows, parallel=parallel)
+        rows, partial = cpu.workspace(k, n, 3)
+        partial = partial if parallel else None
+        m = cpu.sparse_gemv_int8_into(q, s, group, x, t, out, rows, partial)
         assert m == keep.sum()
         want = ref.sparse_gemv_int8_ref(q, s, group, x, t)
         assert np.all(np.abs(out - want) <= _bound(deq, x, keep)), f"sparsity {sparsity}"
@@ -206,8 +206,8 @@ def test_int8_weight_aware_and_chunks(rng):
     bound = _bound(dequantize_int8(q, s, group), x, keep)
     for n_chunks in (1, 2, 5):
         out = np.empty(n, dtype=np.float32)
-        rows = np.empty(k, dtype=np.int32)
-        m = cpu.sparse_int8_parallel(q, s, group, x, np.float32(t), c, out, rows, n_chunks)
+        rows, partial = cpu.workspace(k, n, n_chunks)
+        m = cpu.sparse_int8_parallel(q, s, group, x, np.float32(t), c, out, rows, partial)
         assert m == keep.sum()
         assert np.all(np.abs(out - want) <= bound)
 
@@ -241,6 +241,12 @@ def test_launcher_validation(rng):
         call(wt, x, float("nan"), out, rows)
     with pytest.raises(TypeError, match="threshold must be"):
         call(wt, x, True, out, rows)
+    with pytest.raises(ValueError, match="partial has shape"):
+        call(wt, x, 0.5, out, rows, np.empty((2, 30), np.float32))
+    with pytest.raises(TypeError, match="partial must be"):
+        call(wt, x, 0.5, out, rows, np.empty(31, np.float32))
+    with pytest.raises(ValueError, match="n_chunks"):
+        cpu.workspace(33, 31, 0)
     with pytest.raises(ValueError, match="channel_scale has shape"):
         call(wt, x, 0.5, out, rows, channel_scale=np.ones(32, np.float32))
     with pytest.raises(TypeError, match="wt must be"):
