@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from numba import njit, prange
 from sparsify_kernels import cpu, reference
 from sparsify_kernels.quant import DEFAULT_GROUP, dequantize_int8, quantize_int8
 
@@ -220,19 +221,21 @@ def _thread_ctx(n: int):
 
 def _kernel_cases(
     nt: int, wts: _Rotation, q8: _Rotation, group: int, x: np.ndarray,
-    thresholds: dict[float, np.float32], out: np.ndarray, rows: np.ndarray,
+    thresholds: dict[float, np.float32], out: np.ndarray,
 ) -> dict[str, Callable[[], None]]:
     """Our kernels for one shape: serial variants at 1 thread, parallel (nt chunks) above."""
+    k, n = wts.copies[0].shape
+    rows, partial = cpu.workspace(k, n, nt)
     cases: dict[str, Callable[[], None]] = {}
     if nt > 1:
-        cases["fp32 dense"] = lambda: cpu.dense_fp32_parallel(wts.next(), x, out, nt)
-        cases["int8 dense"] = lambda: cpu.dense_int8_parallel(*q8.next(), group, x, out, nt)
+        cases["fp32 dense"] = lambda: cpu.dense_fp32_parallel(wts.next(), x, out, partial)
+        cases["int8 dense"] = lambda: cpu.dense_int8_parallel(*q8.next(), group, x, out, partial)
         for s, t in thresholds.items():
             cases[f"fp32 sparse {s}"] = lambda t=t: cpu.sparse_fp32_parallel(
-                wts.next(), x, t, None, out, rows, nt
+                wts.next(), x, t, None, out, rows, partial
             )
             cases[f"int8 sparse {s}"] = lambda t=t: cpu.sparse_int8_parallel(
-                *q8.next(), group, x, t, None, out, rows, nt
+                *q8.next(), group, x, t, None, out, rows, partial
             )
     else:
         cases["fp32 dense"] = lambda: cpu.dense_fp32_serial(wts.next(), x, out)
@@ -279,7 +282,7 @@ def bench_shape(
             def numpy_dense() -> None:
                 np.dot(wos.next(), x, out=out_np)
 
-            cases = _kernel_cases(nt, wts, q8, group, x, thresholds, out, rows)
+            cases = _kernel_cases(nt, wts, q8, group, x, thresholds, out)
             best = None
             for attempt in range(attempts):
                 waited = wait_until_quiet(quiet_s)
@@ -340,12 +343,13 @@ def _check_against_reference(
     keep = reference.keep_mask(x, t)
     worst = 0.0
     for name, w, run in (
-        ("fp32", wt, lambda o, r: cpu.sparse_gemv_fp32_into(wt, x, t, o, r)),
+        ("fp32", wt, lambda o, r, p: cpu.sparse_gemv_fp32_into(wt, x, t, o, r, p)),
         ("int8", dequantize_int8(*q8, group),
-         lambda o, r: cpu.sparse_gemv_int8_into(*q8, group, x, t, o, r)),
+         lambda o, r, p: cpu.sparse_gemv_int8_into(*q8, group, x, t, o, r, p)),
     ):
         out = np.empty(wt.shape[1], dtype=np.float32)
-        run(out, np.empty(k, dtype=np.int32))
+        rows, partial = cpu.workspace(k, wt.shape[1], 2)
+        run(out, rows, partial)
         want = reference.sparse_gemv_fp32_ref(w, x, t)
         bound = gamma * (np.abs(x[keep]).astype(np.float64) @ np.abs(w[keep]).astype(np.float64))
         err = np.abs(out.astype(np.float64) - want)
@@ -355,30 +359,78 @@ def _check_against_reference(
     return {"sparsity": 0.5, "max_error_over_bound": worst}
 
 
-def chunking_study(reps: int, quiet_s: float, rng: np.random.Generator) -> list[dict]:
-    """Parallel fp32 sparse kernel at 50 % on 4096->14336, 2 threads, varying the chunk count:
-    one contiguous chunk per thread against finer prange blocks."""
-    k, n = 4096, 14336
-    wts = _Rotation([rng.standard_normal((k, n), dtype=np.float32) for _ in range(2)])
+@njit(cache=True, parallel=True)
+def _output_chunked_fp32(wt, x, rows, m, out, n_chunks):
+    """The alternative parallel split, for the study only: each chunk owns a contiguous slice of
+    the outputs (64-byte aligned) and walks every kept row over it, eight rows per pass."""
+    n = wt.shape[1]
+    step = ((n + n_chunks - 1) // n_chunks + 15) // 16 * 16
+    for c in prange(n_chunks):
+        n0 = min(n, c * step)
+        n1 = min(n, n0 + step)
+        o = out[n0:n1]
+        for j in range(o.shape[0]):
+            o[j] = 0.0
+        for r in range(0, m - m % 8, 8):
+            w0, w1, w2, w3 = wt[rows[r], n0:n1], wt[rows[r + 1], n0:n1], wt[rows[r + 2], n0:n1], \
+                wt[rows[r + 3], n0:n1]
+            w4, w5, w6, w7 = wt[rows[r + 4], n0:n1], wt[rows[r + 5], n0:n1], \
+                wt[rows[r + 6], n0:n1], wt[rows[r + 7], n0:n1]
+            a0, a1, a2, a3 = x[rows[r]], x[rows[r + 1]], x[rows[r + 2]], x[rows[r + 3]]
+            a4, a5, a6, a7 = x[rows[r + 4]], x[rows[r + 5]], x[rows[r + 6]], x[rows[r + 7]]
+            for j in range(o.shape[0]):
+                o[j] += (a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]) + (
+                    a4 * w4[j] + a5 * w5[j] + a6 * w6[j] + a7 * w7[j])
+        for r in range(m - m % 8, m):
+            w0 = wt[rows[r], n0:n1]
+            for j in range(o.shape[0]):
+                o[j] += x[rows[r]] * w0[j]
+
+
+def _split_cases(k: int, n: int, llc: int, rng: np.random.Generator) -> dict:
+    copies = max(2, math.ceil(2 * llc / (k * n * 4)))
+    wts = _Rotation([rng.standard_normal((k, n), dtype=np.float32) for _ in range(copies)])
     x = rng.standard_normal(k, dtype=np.float32)
     t = _threshold_for(x, 0.5)
     out = np.empty(n, dtype=np.float32)
     rows = np.empty(k, dtype=np.int32)
+    m = cpu.select_rows(x, t, None, rows)
+    cases: dict[str, Callable[[], None]] = {}
+    for c in (1, 2, 4, 8):
+        p = cpu.workspace(k, n, c)[1]
+        cases[f"split-K|{c}"] = lambda p=p: cpu.sparse_fp32_parallel(
+            wts.next(), x, t, None, out, rows, p
+        )
+    for c in (2, 8, 28):
+        cases[f"output chunks|{c}"] = lambda c=c: _output_chunked_fp32(
+            wts.next(), x, rows, m, out, c
+        )
+    return cases
+
+
+def chunking_study(
+    reps: int, quiet_s: float, llc: int, rng: np.random.Generator
+) -> list[dict]:
+    """Parallel fp32 sparse GEMV at 50 %, 2 threads: split-K (the library's choice) against
+    splitting the outputs, for several chunk counts, on a wide and a tall shape."""
+    out_rows = []
     saved = numba.get_num_threads()
     nt = min(2, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(nt)
     try:
-        cases = {c: (lambda c=c: cpu.sparse_fp32_parallel(wts.next(), x, t, None, out, rows, c))
-                 for c in (1, 2, 4, 8, 28)}
-        cases_named = {f"chunks={c}": f for c, f in cases.items()}
-        wait_until_quiet(quiet_s)
-        with foreign_load() as load:
-            res = _round_robin(cases_named, reps, warmup=2)
-        res = {name: _stats(v) for name, v in res.items()}
+        for k, n in ((4096, 14336), (2048, 640)):
+            cases = _split_cases(k, n, llc, rng)
+            wait_until_quiet(quiet_s)
+            with foreign_load() as load:
+                res = _round_robin(cases, reps if k * n > 1 << 22 else 10 * reps, warmup=2)
+            for name, v in res.items():
+                split, c = name.split("|")
+                out_rows.append({"K": k, "N": n, "threads": nt, "sparsity": 0.5, "split": split,
+                                 "n_chunks": int(c), "foreign_load_cores": round(load["cores"], 3),
+                                 **_stats(v)})
     finally:
         numba.set_num_threads(saved)
-    return [{"K": k, "N": n, "threads": nt, "sparsity": 0.5, "n_chunks": int(name.split("=")[1]),
-             "foreign_load_cores": round(load["cores"], 3), **st} for name, st in res.items()]
+    return out_rows
 
 
 def call_overhead(reps: int) -> list[dict]:
@@ -389,17 +441,16 @@ def call_overhead(reps: int) -> list[dict]:
     x = rng.standard_normal(16, dtype=np.float32)
     out = np.empty(16, dtype=np.float32)
     out_np = np.empty(16, dtype=np.float32)
-    rows = np.empty(16, dtype=np.int32)
+    rows, partial = cpu.workspace(16, 16, 2)
     t = np.float32(0.5)
     saved = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
         res = _round_robin({
             "raw serial": lambda: cpu.sparse_fp32_serial(wt, x, t, None, out, rows),
-            "raw parallel": lambda: cpu.sparse_fp32_parallel(wt, x, t, None, out, rows, 2),
-            "checked serial": lambda: cpu.sparse_gemv_fp32_into(wt, x, t, out, rows,
-                                                                parallel=False),
-            "checked parallel": lambda: cpu.sparse_gemv_fp32_into(wt, x, t, out, rows),
+            "raw parallel": lambda: cpu.sparse_fp32_parallel(wt, x, t, None, out, rows, partial),
+            "checked serial": lambda: cpu.sparse_gemv_fp32_into(wt, x, t, out, rows),
+            "checked parallel": lambda: cpu.sparse_gemv_fp32_into(wt, x, t, out, rows, partial),
             "numpy dot": lambda: np.dot(wo, x, out=out_np),
         }, reps, warmup=10)
         res = {name: _stats(v) for name, v in res.items()}
@@ -544,11 +595,11 @@ def markdown(record: dict) -> str:
         lines.append(f"| {g['group']} | {g['bytes_per_weight']:.4f} | {g['weight_rel_err']:.5f} "
                      f"| {g['output_rel_err']:.5f} |")
     if record.get("chunking"):
-        lines += ["", "## Parallel chunking (fp32 sparse 0.5, 4096->14336)", "",
-                  "| chunks | threads | median ms (IQR) |", "|---|---|---|"]
+        lines += ["", "## Parallel split (fp32 sparse 0.5)", "",
+                  "| K->N | split | chunks | threads | median ms (IQR) |", "|---|---|---|---|---|"]
         for c in record["chunking"]:
-            lines.append(f"| {c['n_chunks']} | {c['threads']} | {c['median_ms']:.3f} "
-                         f"({c['iqr_ms']:.3f}) |")
+            lines.append(f"| {c['K']}->{c['N']} | {c['split']} | {c['n_chunks']} "
+                         f"| {c['threads']} | {c['median_ms']:.3f} ({c['iqr_ms']:.3f}) |")
     lines += ["", "## Call overhead (16x16, 2 threads)", "", "| call | median us |", "|---|---|"]
     for c in record["call_overhead"]:
         lines.append(f"| {c['call']} | {c['median_ms'] * 1e3:.2f} |")
@@ -649,7 +700,7 @@ def main() -> None:
         "rows": rows,
         "headline": headline(rows, threads),
         "int8_groups": int8_group_study(rng),
-        "chunking": chunking_study(8 if args.quick else 40, quiet_s, rng) if 2 in threads else [],
+        "chunking": chunking_study(8 if args.quick else 40, quiet_s, llc, rng) if 2 in threads else [],
         "call_overhead": call_overhead(200 if args.quick else 3000),
     }
     record["meta"]["loadavg_end"] = _loadavg()
