@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def markdown(rec: dict) -> str:
             f"`scripts/profile_report.py`.")
     cols = ("model", "criterion", "tokens", "wall s", "budget s", "CPU s (user+sys)", "CPU %",
             "load avg before", "peak RSS MiB", "table KiB", "worst dense error (pts)",
-            "masked 0.5: mean / worst (pts)")
+            "masked 0.5: mean / worst (pts)", "same table as thresholds/")
     lines = ["# Profiling: cost and exactness", "", head, "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rec["runs"]:
@@ -187,7 +188,8 @@ def markdown(rec: dict) -> str:
                  f"{t['user_s'] + t['system_s']:.0f}", t["cpu_percent"],
                  f"{t['load_average_before'][0]:.1f}", f"{t['peak_rss_bytes'] / 2**20:.0f}",
                  f"{r['table_bytes'] / 1024:.0f}",
-                 f"{ex['dense']['worst_abs_error_points']:.3f}", mtxt)
+                 f"{ex['dense']['worst_abs_error_points']:.3f}", mtxt,
+                 {True: "yes", False: "NO", None: "-"}[r.get("same_as_committed_table")])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     c = rec["corpus"]
     note = ("*Dense error*: |realized - requested| sparsity over every tensor and every level "
@@ -222,15 +224,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each timed run, wait up to this many seconds for the load "
                          "average to drop below 1")
-    ap.add_argument("--tables", type=Path, default=ROOT / "thresholds")
+    ap.add_argument("--tables", type=Path, default=None,
+                    help="where the new tables go [a temporary directory; each is compared "
+                         "with the one in thresholds/, whose allocations it must not replace]")
     ap.add_argument("--results", type=Path, default=ROOT / "results")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs already in results/profile.json for models and "
+                         "criteria not run now")
     a = ap.parse_args(argv)
 
     from sparsify.evaluate import machine_record
     from sparsify.table import ThresholdTable, plot, write_atomic
 
+    tmp = None
+    if a.tables is None:
+        tmp = tempfile.TemporaryDirectory(prefix="profile-report-")
+        a.tables = Path(tmp.name)
     rec: dict = {"machine": {**machine_record(), "load_average": list(os.getloadavg())},
                  "corpus": corpus_counts(), "runs": []}
+    old_path = a.results / "profile.json"
+    kept = []
+    if a.merge and old_path.exists():
+        now = {(m, c) for m in a.models for c in a.criteria}
+        kept = [r for r in json.loads(old_path.read_text())["runs"]
+                if (r["model"], r["criterion"]) not in now]
     for name in a.models:
         for criterion in a.criteria:
             out = a.tables / f"{name}.{criterion}.json"
@@ -244,16 +261,33 @@ def main(argv: list[str] | None = None) -> int:
             table = ThresholdTable.load(out)
             png = a.results / f"profile_{name}.{criterion}.png"
             write_atomic(png, plot(table, 0.5), force=True)
+            committed = ROOT / "thresholds" / out.name
+            same = None
+            if committed.exists() and committed.resolve() != out.resolve():
+                old = ThresholdTable.load(committed).to_dict()
+                new = table.to_dict()
+                old.pop("allocations")
+                new.pop("allocations")
+                same = old == new
             rec["runs"].append({
-                "model": name, "criterion": criterion, "table": str(out.relative_to(ROOT)),
+                "model": name, "criterion": criterion,
+                "table": f"thresholds/{out.name}", "same_as_committed_table": same,
                 "table_bytes": out.stat().st_size,
                 "table_sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
                 "budget_s": BUDGET_S[name], "time": t, "exactness": ex,
                 "synthetic": False,
             })
-            write_records(rec, a.results)  # after every run: a long job keeps what it has
+            write_records({**rec, "runs": _ordered(kept + rec["runs"])}, a.results)
+    rec["runs"] = _ordered(kept + rec["runs"])
     print(markdown(rec), file=sys.stderr)
+    if tmp is not None:
+        tmp.cleanup()
     return 0
+
+
+def _ordered(runs: list[dict]) -> list[dict]:
+    crit = ("magnitude", "weight-aware")
+    return sorted(runs, key=lambda r: (MODELS.index(r["model"]), crit.index(r["criterion"])))
 
 
 def write_records(rec: dict, results: Path) -> None:
