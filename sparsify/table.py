@@ -603,6 +603,7 @@ def plot(table: ThresholdTable, sparsity: float) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     at = table.thresholds_at(sparsity)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -612,6 +613,7 @@ def plot(table: ThresholdTable, sparsity: float) -> bytes:
         if pts:
             ax.plot([i for i, _ in pts], [t for _, t in pts], style, marker=".", label=proj)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
     score = "|x|" if table.criterion == "magnitude" else "|x|·‖W[:, i]‖"
     ax.set_ylabel(f"threshold on {score}")
