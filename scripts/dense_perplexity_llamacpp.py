@@ -101,7 +101,7 @@ def compare(model_name: str, text_name: str, text: str, n_ctx: int,
             "scored_tokens": count, "perplexity_ours": ppl_ours,
             "perplexity_llamacpp": ppl_llama,
             "relative_difference": ppl_ours / ppl_llama - 1.0,
-            "reference_llama_perplexity_all_chunks": REFERENCE_LLAMA_PERPLEXITY.get(
+            "reference_llama_perplexity": REFERENCE_LLAMA_PERPLEXITY.get(
                 (model_name, text_name)),
             "our_tokenizer_matches_llamacpp_on_first_64k_chars": same_tokens,
             "seconds": time.perf_counter() - t0,

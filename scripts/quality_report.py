@@ -139,10 +139,10 @@ def _sanity_section() -> list[str]:
            "windows, BOS first, second half scored. llama.cpp through llama-cpp-python "
            f"{rec.get('llama_cpp_python', '?')}; ours in float32 on "
            f"{rec['machine']['device']}."), "",
-           "| model | text | windows | ours | llama.cpp | difference | reference (all windows) |",
+           "| model | text | windows | ours | llama.cpp | difference | llama-perplexity reference |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rec["rows"]:
-        ref = r.get("reference_llama_perplexity_all_chunks")
+        ref = r.get("reference_llama_perplexity")
         out.append(f"| {r['model']} | {r['text']} | {r['chunks']} of {r['chunks_in_text']} | "
                    f"{r['perplexity_ours']:.3f} | {r['perplexity_llamacpp']:.3f} | "
                    f"{100 * r['relative_difference']:+.2f} % | "

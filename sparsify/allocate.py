@@ -322,8 +322,8 @@ class Saliency:
     sums: torch.Tensor
 
     def estimate(self, levels: dict[str, float]) -> float:
-        """Estimated KL (nats per position) of a configuration; levels between grid points
-        interpolate the sums linearly; tensors not named stay dense."""
+        """Estimated KL (nats per position) of a configuration (tensor name -> level); levels
+        between grid points interpolate the sums linearly; tensors not named are at level 0."""
         s = torch.zeros(self.sums.shape[2], dtype=torch.float64)
         g = np.asarray(self.grid)
         for p, name in enumerate(self.names):

@@ -200,6 +200,8 @@ class CPUEngine:
         self.kc = [np.zeros((c.n_head_kv, self.max_len, c.head_dim), f) for _ in range(c.n_layer)]
         self.vc = [np.zeros((c.n_head_kv, self.max_len, c.head_dim_v), f)
                    for _ in range(c.n_layer)]
+        self._partials: dict[int, np.ndarray] = {}
+        self._partial_threads = 0
         self.rope_tables = {}
         for base in {c.rope_base, c.rope_base_swa}:
             inv = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
@@ -228,14 +230,27 @@ class CPUEngine:
 
     # -- decode -----------------------------------------------------------------------------
 
-    def _proj(self, p: _Proj, x: np.ndarray, out: np.ndarray, n_chunks: int) -> None:
+    def _partial(self, n: int) -> np.ndarray:
+        """The split-K scratch (C, n) for outputs of width n, C = numba's thread count (the
+        buffers are remade only when the thread count changes, e.g. in a pinned benchmark)."""
+        nc = numba.get_num_threads()
+        if nc != self._partial_threads:
+            self._partials = {}
+            self._partial_threads = nc
+        buf = self._partials.get(n)
+        if buf is None:
+            buf = self._partials[n] = np.zeros((nc, n), np.float32)
+        return buf
+
+    def _proj(self, p: _Proj, x: np.ndarray, out: np.ndarray) -> None:
         """Run one projection, counting the weight bytes it read."""
+        partial = self._partial(p.n)
         if self.fmt == "fp32":
             m = K.sparse_fp32_parallel(p.wt, x, p.threshold, p.channel_scale, out,
-                                       self.rows, n_chunks)
+                                       self.rows, partial)
         else:
             m = K.sparse_int8_parallel(p.q, p.scales, self.group, x, p.threshold,
-                                       p.channel_scale, out, self.rows, n_chunks)
+                                       p.channel_scale, out, self.rows, partial)
         self.rows_read += m
         self.bytes_read += m * p.nbytes // p.k
 
@@ -245,7 +260,6 @@ class CPUEngine:
         pos = self.pos
         if pos >= self.max_len:
             raise ValueError(f"the engine's KV cache holds {self.max_len} positions")
-        nc = numba.get_num_threads()
         emb = self.gguf.dequantize_rows("token_embd.weight", np.array([token]))
         np.multiply(emb[0], np.float32(c.embed_scale), out=self.h)
         x1, q, k, v = self.x, self.q, self.k, self.v
@@ -253,9 +267,9 @@ class CPUEngine:
             pre = f"blk.{i}."
             rms_norm_into(self.h.reshape(1, -1), self.norms[pre + "attn_norm"], c.norm_eps, x1)
             xin = x1[0]
-            self._proj(self.projs[pre + "attn_q"], xin, q.reshape(-1), nc)
-            self._proj(self.projs[pre + "attn_k"], xin, k.reshape(-1), nc)
-            self._proj(self.projs[pre + "attn_v"], xin, v.reshape(-1), nc)
+            self._proj(self.projs[pre + "attn_q"], xin, q.reshape(-1))
+            self._proj(self.projs[pre + "attn_k"], xin, k.reshape(-1))
+            self._proj(self.projs[pre + "attn_v"], xin, v.reshape(-1))
             if c.qk_norm:
                 rms_norm_into(q, self.norms[pre + "attn_q_norm"], c.norm_eps, q)
                 rms_norm_into(k, self.norms[pre + "attn_k_norm"], c.norm_eps, k)
@@ -267,25 +281,26 @@ class CPUEngine:
             self.vc[i][:, pos] = v
             attend_into(q, self.kc[i], self.vc[i], pos, c.sliding_window if swa else 0,
                         np.float32(c.attn_scale), self.scores, self.att)
-            self._proj(self.projs[pre + "attn_output"], self.att.reshape(-1), self.o[0], nc)
+            self._proj(self.projs[pre + "attn_output"], self.att.reshape(-1), self.o[0])
             if c.post_norms:
                 rms_norm_into(self.o, self.norms[pre + "post_attention_norm"], c.norm_eps,
                               self.o)
             add_into(self.h, self.o[0])
             rms_norm_into(self.h.reshape(1, -1), self.norms[pre + "ffn_norm"], c.norm_eps, x1)
-            self._proj(self.projs[pre + "ffn_gate"], xin, self.g, nc)
-            self._proj(self.projs[pre + "ffn_up"], xin, self.u, nc)
+            self._proj(self.projs[pre + "ffn_gate"], xin, self.g)
+            self._proj(self.projs[pre + "ffn_up"], xin, self.u)
             gated_act_into(self.g, self.u, c.activation == "gelu_tanh", self.mid)
-            self._proj(self.projs[pre + "ffn_down"], self.mid, self.o2[0], nc)
+            self._proj(self.projs[pre + "ffn_down"], self.mid, self.o2[0])
             if c.post_norms:
                 rms_norm_into(self.o2, self.norms[pre + "post_ffw_norm"], c.norm_eps, self.o2)
             add_into(self.h, self.o2[0])
         rms_norm_into(self.h.reshape(1, -1), self.norms["output_norm"], c.norm_eps, x1)
         hd = self.head
         if self.fmt == "fp32":
-            K.dense_fp32_parallel(hd.wt, x1[0], self.logits, nc)
+            K.dense_fp32_parallel(hd.wt, x1[0], self.logits, self._partial(hd.n))
         else:
-            K.dense_int8_parallel(hd.q, hd.scales, self.group, x1[0], self.logits, nc)
+            K.dense_int8_parallel(hd.q, hd.scales, self.group, x1[0], self.logits,
+                                  self._partial(hd.n))
         self.bytes_read += hd.nbytes
         if c.final_logit_softcap:
             cap = c.final_logit_softcap
