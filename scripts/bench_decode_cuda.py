@@ -4,7 +4,9 @@
 
 1. starts writing a synthetic model at Llama-3-8B's shapes (F16, ~16 GB, random weights) in a
    background process, so the CPU work overlaps with steps 2-3;
-2. builds the CUDA kernels and runs ``tests/test_engine_cuda.py`` on the GPU;
+2. builds the CUDA kernels and runs ``tests/test_kernels_cuda.py`` and
+   ``tests/test_engine_cuda.py`` on the GPU, then (``--kernels``) the kernel benchmark
+   ``scripts/bench_kernels_cuda.py --variants`` into OUT;
 3. benchmarks a small synthetic model (a smoke test of ``bench_cuda``);
 4. profiles thresholds for the big model (``sparsify profile``, CPU torch) and runs
    ``sparsify bench --device cuda`` (the same ``run_bench`` call, in this process so the data
@@ -70,7 +72,8 @@ def bench_one(model: str, table: str | None, levels: list[float], fmt: str, out:
     return path
 
 
-def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int) -> None:
+def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int,
+        kernels: bool) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +96,13 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
     kc.load()
     log(f"kernels built/loaded in {time.monotonic() - t0:.1f} s")
     rc = sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-             "tests/test_engine_cuda.py"], timeout=min(240, left(deadline) - 300))
-    log(f"engine tests exit code {rc}")
+             "tests/test_kernels_cuda.py", "tests/test_engine_cuda.py"],
+            timeout=min(240, left(deadline) - 300))
+    log(f"kernel and engine tests exit code {rc}")
+    if kernels:
+        rc = sh([sys.executable, "scripts/bench_kernels_cuda.py", "--out", str(out),
+                 "--variants"], timeout=min(180, left(deadline) - 300))
+        log(f"kernel benchmark exit code {rc}")
 
     # Small synthetic model: a smoke test of the whole bench path before the big one.
     from sparsify.synthetic import preset, write_synthetic_gguf
@@ -145,7 +153,8 @@ def markdown(records: list[dict]) -> str:
              "real, their text is not. `% bound` is tokens/s over the bandwidth bound "
              "(device-to-device copy bandwidth measured in the same run / weight bytes read "
              "per token); `ideal` is dense bytes / bytes read at that level (the output head "
-             "stays dense)."), ""]
+             "stays dense); `glue` is the time of one step with every GEMV left out "
+             "(`CUDAEngine.glue_ms`; records before it was measured show –)."), ""]
     seen = set()
     for r in records:
         v = r["versions"]
@@ -156,19 +165,21 @@ def markdown(records: list[dict]) -> str:
                          f"{r.get('compute_capability')}), driver {v.get('driver')}, "
                          f"CUDA {v.get('cuda')}, torch {v.get('torch')}, sparsify "
                          f"{v.get('sparsify')}")
-    lines += ["", ("| model | format | sparsity | tok/s (median ± IQR) | speedup | ideal | "
-              "MB/token | GB/s | % bound | copy GB/s |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("| device | model | format | sparsity | tok/s (median ± IQR) | speedup | "
+              "ideal | MB/token | GB/s | % bound | copy GB/s | glue ms/step |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         model = r["model"] + (" (synthetic)" if r.get("synthetic") else "")
+        glue = r.get("glue_ms_per_step")
+        glue = f"{glue:.2f}" if glue is not None else "–"
         for lv in r["levels"]:
             sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
             lines.append(
-                f"| {model} | {r['format']} | {lv['sparsity']:.2f} | "
+                f"| {r['device']} | {model} | {r['format']} | {lv['sparsity']:.2f} | "
                 f"{lv['tok_s']['median']:.1f} ± {lv['tok_s']['iqr']:.1f} | {sp} | "
                 f"{lv['ideal_speedup']:.2f}x | {lv['bytes_per_token'] / 1e6:.1f} | "
                 f"{lv['gb_s']:.0f} | {lv['pct_of_bound']:.0f}% | "
-                f"{r['copy_bandwidth_GBps']:.0f} |")
+                f"{r['copy_bandwidth_GBps']:.0f} | {glue} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,12 +192,13 @@ def main() -> None:
     r.add_argument("--tokens", type=int, default=128)
     r.add_argument("--repeats", type=int, default=5)
     r.add_argument("--profile-tokens", type=int, default=1024)
+    r.add_argument("--kernels", action="store_true", help="also run the kernel benchmark")
     t = sub.add_parser("table", help="markdown table from JSON records")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens)
+        run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels)
     else:
         recs = [json.loads(p.read_text()) for p in sorted(a.records)]
         a.output.write_text(markdown(recs))

@@ -130,6 +130,8 @@ class CUDAEngine:
         self.weight_aware = False
         self._graph = None
         self._counting = False
+        # Diagnostic (bench only): GEMVs replaced by fixed zero outputs, to time the glue alone.
+        self._skip_gemv: dict[int, torch.Tensor] | None = None
         self.ws = None
         if self.device.type == "cuda":
             from sparsify_kernels import cuda as kc
@@ -241,6 +243,8 @@ class CUDAEngine:
 
     def _gemv(self, p: _Proj, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """y = W^T (x ⊙ keep) for x (K,) float32 -> (N,) float32 (into ``out`` when given)."""
+        if self._skip_gemv is not None:
+            return out if out is not None else self._skip_gemv[p.n]
         factor = p.norms if (self.weight_aware and p.index >= 0) else None
         if self._counting and p.index >= 0:
             score = x.abs() if factor is None else x.abs() * factor
@@ -419,6 +423,36 @@ class CUDAEngine:
             self._run()
         return out
 
+    def glue_ms(self, ids: list[int], steps: int = 64) -> float:
+        """Milliseconds per decode step with every GEMV left out (diagnostic, not decoding).
+
+        The same step is captured with each projection replaced by a fixed zero vector (the
+        q/k/v and gate/up buffers keep their last values), so what is timed is everything that
+        is not a GEMV: norms, RoPE, attention, activations, residual adds, argmax. The KV cache
+        and position are reset afterwards.
+        """
+        self.prefill(ids)
+        ns = {p.n for p in [*self.projs.values(), self.head]}
+        self._skip_gemv = {n: torch.zeros(n, dtype=torch.float32, device=self.device) for n in ns}
+        saved = self._graph
+        try:
+            self._graph = None
+            self._capture()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            self._graph.replay()
+            start.record()
+            for _ in range(steps):
+                self._graph.replay()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / steps
+        finally:
+            self._skip_gemv = None
+            self._graph = saved
+            self.reset()
+        return ms
+
     # -- accounting ---------------------------------------------------------------------------
 
     @property
@@ -543,6 +577,8 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
             "realized_min": float(min(realized.values())),
             "realized_max": float(max(realized.values())),
         })
+    glue = engine.glue_ms(ids, min(tokens, 64))
+    print(f"glue alone (GEMVs left out): {glue:.3f} ms/step", file=sys.stderr)
     base = rows[0]["tok_s"]["median"] if levels and levels[0] == 0 else None
     for r in rows:
         r["speedup"] = r["tok_s"]["median"] / base if base else None
@@ -558,6 +594,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,
+        "glue_ms_per_step": glue,
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},
