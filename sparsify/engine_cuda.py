@@ -14,12 +14,17 @@ once at the end. Changing the sparsity writes the threshold vector; the graph st
 The glue between projections computes :mod:`sparsify.model`'s formulas (the same RMS norm,
 RoPE, grouped-query attention, activations, soft-capping), rearranged into fewer kernels, so this
 engine is the model definition with the projections swapped and a static KV cache; the tests
-hold it to the torch model. ``device="cpu"`` runs the same step eagerly with
-a masked matmul in place of the kernel, for testing the glue without a GPU.
+hold it to the torch model. On CUDA the step is *fused* by default: per block, two residual-add
++ RMS-norm kernels, one attention kernel (q/k norm, RoPE, cache write, attention), q/k/v in one
+GEMV launch, gate/up in one, and the down projection reading act(gate) * up directly -- seven
+launches instead of about twenty (``fused=False``, or ``SPARSIFY_CUDA_FUSED=0`` in the
+environment, keeps the torch glue). ``device="cpu"`` runs the torch glue eagerly with a masked
+matmul in place of the kernel, for testing the glue without a GPU.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -96,7 +101,8 @@ class CUDAEngine:
     """
 
     def __init__(self, loaded, fmt: str = "fp16", max_len: int = 2048,
-                 device: str | torch.device = "cuda", use_graph: bool = True) -> None:
+                 device: str | torch.device = "cuda", use_graph: bool = True,
+                 fused: bool | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -133,12 +139,20 @@ class CUDAEngine:
         # Diagnostic (bench only): GEMVs replaced by fixed zero outputs, to time the glue alone.
         self._skip_gemv: dict[int, torch.Tensor] | None = None
         self.ws = None
+        if fused is None:
+            fused = os.environ.get("SPARSIFY_CUDA_FUSED", "1") != "0"
+        self.fused = False
         if self.device.type == "cuda":
             from sparsify_kernels import cuda as kc
 
             self._kc = kc
             need = max(kc.workspace_bytes(p.k, p.n) for p in [*self.projs.values(), self.head])
+            for i in range(cfg.n_layer):
+                for grp in self._groups(i):
+                    need = max(need, kc.group_workspace_bytes(grp[0].k, [p.n for p in grp]))
             self.ws = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            self.fused = bool(fused) and kc.attention_supported(cfg.head_dim, cfg.head_dim_v,
+                                                               max_len, self.device)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -175,6 +189,7 @@ class CUDAEngine:
     def _alloc(self) -> None:
         c, dev, L = self.cfg, self.device, self.max_len
         f = torch.float32
+        nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
         self.tok = torch.zeros(1, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
         self.history = torch.zeros(L + 1, dtype=torch.int64, device=dev)
@@ -195,9 +210,19 @@ class CUDAEngine:
         lo, hi = (pairs, pairs + half) if c.rope_neox else (2 * pairs, 2 * pairs + 1)
         perm[lo], perm[hi] = hi, lo
         self.rope_perm = perm.to(dev)
+        self.rope_perm32 = perm.to(device=dev, dtype=torch.int32)  # the attention kernel's
         self.qkv = torch.zeros(c.n_head * c.head_dim + c.n_head_kv * (c.head_dim + c.head_dim_v),
                                dtype=f, device=dev)
         self.gu = torch.zeros(2 * c.d_ff, dtype=f, device=dev)
+        # Fused step: the residual stream, the normed block input, the attention result and the
+        # two projections added back into the stream.
+        self.h = torch.zeros(c.d_model, dtype=f, device=dev)
+        self.xn = torch.zeros(c.d_model, dtype=f, device=dev)
+        self.att = torch.zeros(c.n_head * c.head_dim_v, dtype=f, device=dev)
+        self.obuf = torch.zeros(c.d_model, dtype=f, device=dev)
+        self.fbuf = torch.zeros(c.d_model, dtype=f, device=dev)
+        self.qkv_views = [self.qkv[:nq], self.qkv[nq:nq + nk], self.qkv[nq + nk:]]
+        self.gu_views = [self.gu[:c.d_ff], self.gu[c.d_ff:]]
         self.rope_tables: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
         for i in range(c.n_layer):
             key = self._rope_key(i)
@@ -241,8 +266,28 @@ class CUDAEngine:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def _gemv(self, p: _Proj, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """y = W^T (x ⊙ keep) for x (K,) float32 -> (N,) float32 (into ``out`` when given)."""
+    def _groups(self, i: int) -> list[list[_Proj]]:
+        """Projections of block i that share an input: q/k/v and gate/up."""
+        P, pre = self.projs, f"blk.{i}."
+        return [[P[pre + n] for n in ("attn_q", "attn_k", "attn_v")],
+                [P[pre + n] for n in ("ffn_gate", "ffn_up")]]
+
+    def _gemv_group(self, projs: list[_Proj], x: torch.Tensor,
+                    outs: list[torch.Tensor]) -> None:
+        """The projections of one input in one launch, each into its ``outs`` buffer."""
+        if self._skip_gemv is not None:
+            return
+        wa = self.weight_aware
+        self._kc.sparse_gemv_group([p.w for p in projs], x, [p.threshold for p in projs], outs,
+                                   factors=[p.norms if wa else None for p in projs],
+                                   scales=[p.scales for p in projs], workspace=self.ws)
+
+    def _gemv(self, p: _Proj, x: torch.Tensor, out: torch.Tensor | None = None,
+              up: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+        """y = W^T (x ⊙ keep) for x (K,) float32 -> (N,) float32 (into ``out`` when given).
+
+        With ``up`` the input is act(x) * up, formed inside the kernel (CUDA only).
+        """
         if self._skip_gemv is not None:
             return out if out is not None else self._skip_gemv[p.n]
         factor = p.norms if (self.weight_aware and p.index >= 0) else None
@@ -251,7 +296,7 @@ class CUDAEngine:
             self.kept[p.index] += (~(score <= p.threshold)).sum()
         if self.device.type == "cuda":
             return self._kc.sparse_gemv(p.w, x, p.threshold, factor=factor, scales=p.scales,
-                                        out=out, workspace=self.ws)
+                                        out=out, workspace=self.ws, up=up, act=act)
         # CPU stand-in for the kernel (tests of the glue): mask, then a float32 matmul.
         score = x.abs() if factor is None else x.abs() * factor
         xm = x * ~(score <= p.threshold)
@@ -278,7 +323,11 @@ class CUDAEngine:
         dependency wait, which at batch 1 is comparable to a small GEMV): q, k and v land in one
         buffer so one RoPE covers q and k; the mask is an additive bias folded into the scores'
         batched matmul; norms use the fused ``F.rms_norm`` (same formula as model.rms_norm).
+        The fused CUDA step (:meth:`_decode_fused`) replaces all of this glue.
         """
+        if self.fused and not self._counting:
+            self._decode_fused()
+            return
         c = self.cfg
         pos = self.pos
         eps, D = c.norm_eps, c.d_model
@@ -344,6 +393,51 @@ class CUDAEngine:
             torch.mul(torch.tanh(logits / cap), cap, out=self.logits)
         nxt = torch.argmax(self.logits).view(1)
         self.history.index_copy_(0, pos, nxt)
+        self.tok.copy_(nxt)
+        self.pos.add_(1)
+
+    def _decode_fused(self) -> None:
+        """_decode in seven launches per block on the decode kernels (same formulas).
+
+        Per block: h += (previous f, post-normed on gemma), x = rms_norm(h); q/k/v GEMVs in one
+        launch; attention (q/k norm, RoPE at pos, cache write, softmax over visible keys);
+        attn_output GEMV; h += o (post-normed), x = rms_norm(h); gate/up in one launch; ffn_down
+        on act(gate) * up formed inside the GEMV. Counting passes use _decode's torch glue,
+        which materializes every projection input.
+        """
+        c, K, P = self.cfg, self._kc, self.projs
+        eps, h, xn = c.norm_eps, self.h, self.xn
+        torch.index_select(self.emb, 0, self.tok, out=h.view(1, -1))
+        if c.embed_scale != 1.0:
+            h.mul_(c.embed_scale)
+        r, post = None, None
+        for i in range(c.n_layer):
+            pre = f"blk.{i}."
+            qkv_projs, gu_projs = self._groups(i)
+            K.add_rms_norm(h, r, self.norms[pre + "attn_norm"], eps, xn, post)
+            self._gemv_group(qkv_projs, xn, self.qkv_views)
+            cos, sin = self.rope_tables[self._rope_key(i)]
+            qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
+            kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
+            K.attention_decode(self.qkv, self.kc[i], self.vc[i], self.pos, cos, sin,
+                               self.rope_perm32, self.att, n_head=c.n_head, scale=c.attn_scale,
+                               eps=eps, window=c.sliding_window if c.swa_layers[i] else 0,
+                               q_norm=qn, k_norm=kn)
+            self._gemv(P[pre + "attn_output"], self.att, self.obuf)
+            K.add_rms_norm(h, self.obuf, self.norms[pre + "ffn_norm"], eps, xn,
+                           self.norms[pre + "post_attention_norm"] if c.post_norms else None)
+            self._gemv_group(gu_projs, xn, self.gu_views)
+            self._gemv(P[pre + "ffn_down"], self.gu_views[0], self.fbuf, up=self.gu_views[1],
+                       act=c.activation)
+            r = self.fbuf
+            post = self.norms[pre + "post_ffw_norm"] if c.post_norms else None
+        K.add_rms_norm(h, r, self.norms["output_norm"], eps, xn, post)
+        logits = self._gemv(self.head, xn, None if c.final_logit_softcap else self.logits)
+        if c.final_logit_softcap:
+            cap = c.final_logit_softcap
+            torch.mul(torch.tanh(logits / cap), cap, out=self.logits)
+        nxt = torch.argmax(self.logits).view(1)
+        self.history.index_copy_(0, self.pos, nxt)
         self.tok.copy_(nxt)
         self.pos.add_(1)
 
@@ -432,6 +526,8 @@ class CUDAEngine:
         and position are reset afterwards.
         """
         self.prefill(ids)
+        self.obuf.zero_()  # the fused step adds these back into the stream: keep them zero
+        self.fbuf.zero_()
         ns = {p.n for p in [*self.projs.values(), self.head]}
         self._skip_gemv = {n: torch.zeros(n, dtype=torch.float32, device=self.device) for n in ns}
         saved = self._graph
@@ -594,7 +690,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,
-        "glue_ms_per_step": glue,
+        "glue_ms_per_step": glue, "fused": engine.fused,
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},

@@ -1,7 +1,9 @@
-"""CUDA sparse GEMV (kernels/cuda) against a float64 reference.
+"""CUDA kernels (kernels/cuda) against float64 references.
 
-GPU tests carry the `gpu` marker and skip without a CUDA device or nvcc; the build test needs only
-nvcc, so CI without a GPU still proves that the kernel source and the C header compile.
+The sparse GEMV (plain, grouped, gated input) answers to a float64 masked product; the decode
+kernels (residual add + RMS norm, attention) to :mod:`sparsify_kernels.cuda.reference_ops`. GPU
+tests carry the `gpu` marker and skip without a CUDA device or nvcc; the build test needs only
+nvcc, so CI without a GPU still proves that the kernel sources and the C headers compile.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import zlib
 import pytest
 import torch
 from sparsify_kernels import cuda as kc
+from sparsify_kernels.cuda import reference_ops as ref_ops
 
 NVCC = kc.find_nvcc()
 HAVE_GPU = torch.cuda.is_available() and NVCC is not None
@@ -117,17 +120,23 @@ SHAPES = [(1, 1), (31, 33), (577, 1537), (1537, 576), (33, 4096), (4096, 4096)]
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 def test_source_compiles_for_sm90_and_header_is_c(tmp_path):
-    cmd = kc.compile_command(NVCC, (9, 0), tmp_path / "sparse_gemv.o", shared=False)
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    for source in kc.SOURCES:
+        cmd = kc.compile_command(NVCC, (9, 0), tmp_path / f"{source.stem}.o", shared=False,
+                                 source=source)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
     src = tmp_path / "use_header.c"
     src.write_text(
         '#include "sparse_gemv.h"\n'
+        '#include "decode_ops.h"\n'
         "int main(void) {\n"
         "  size_t b = sparsify_gemv_workspace_bytes(4096, 4096);\n"
         "  cudaError_t (*f)(const void *, const float *, const float *, const float *, float *,\n"
         "                   int, int, void *, size_t, cudaStream_t) = sparsify_gemv_f16;\n"
-        "  return (b == 0) + (f == 0) + (SPARSIFY_GEMV_INT8_GROUP != 128);\n"
+        "  sparsify_gemv_segment seg = {0, 0, 0, 0, 0, 0};\n"
+        "  size_t a = sparsify_attention_smem_bytes(128, 128, 64);\n"
+        "  return (b == 0) + (f == 0) + (SPARSIFY_GEMV_INT8_GROUP != 128) + seg.n + (a == 0)\n"
+        "         + (SPARSIFY_GEMV_MAX_SEGMENTS != 3);\n"
         "}\n")
     cmd = [NVCC, "-x", "c", "-Xcompiler", "-std=c11,-Wall,-Wextra,-Wpedantic,-Werror",
            f"-I{kc.HERE}", "-c", str(src), "-o", str(tmp_path / "use_header.o")]
@@ -317,3 +326,199 @@ def test_rejects_bad_arguments(gen):
     with pytest.raises(ValueError, match="out"):
         kc.sparse_gemv(w, x, 0.5, out=torch.empty(127, device=dev))
     assert math.isfinite(float(kc.sparse_gemv(w, x, 0.5).sum()))
+
+
+# ---- grouped launch and gated input ---------------------------------------------------------
+
+def threshold_mid(score: torch.Tensor, sparsity: float) -> float:
+    """Threshold halfway between the scores either side of the cut: values computed on two
+    devices (float32 activations on the CPU and in the kernel) may differ in the last bits, and
+    a channel sitting exactly at the threshold would then be kept by one side only."""
+    drop = round(sparsity * score.numel())
+    if drop == 0:
+        return -1.0
+    v = torch.sort(score).values
+    return float(v[-1]) * 2 + 1 if drop == v.numel() else float((v[drop - 1] + v[drop]) / 2)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ns", [(512, 128, 136), (33, 576, 7), (4096, 1024, 1024), (200, 200)],
+                         ids=lambda ns: "-".join(map(str, ns)))
+def test_group_matches_reference(gen, dtype, ns):
+    # Segments of one launch share x but not their thresholds, factors or outputs: one runs at
+    # half sparsity, one dense (or weight-aware), one with every channel dropped.
+    k = 577 if ns[0] != 4096 else 4096
+    dev = torch.device("cuda")
+    x = torch.randn(k, generator=gen)
+    ws, scs, thr, fac = [], [], [], []
+    for j, n in enumerate(ns):
+        w, sc = make_weights(gen, k, n, dtype)
+        ws.append(w)
+        scs.append(sc)
+        f = torch.rand(k, generator=gen) * 3 if j == 1 and len(ns) == 3 else None
+        fac.append(f)
+        score = x.abs() if f is None else x.abs() * f
+        thr.append([threshold_for(score, 0.5), -1.0 if f is None else threshold_for(score, 0.3),
+                    threshold_for(score, 1.0)][j])
+    outs = [torch.full((n,), float("nan"), device=dev) for n in ns]
+    kc.sparse_gemv_group([w.to(dev) for w in ws], x.to(dev),
+                         [torch.tensor([t], device=dev) for t in thr], outs,
+                         factors=[None if f is None else f.to(dev) for f in fac],
+                         scales=[None if sc is None else sc.to(dev) for sc in scs])
+    torch.cuda.synchronize()
+    for j in range(len(ns)):
+        check(outs[j], reference(ws[j], x, thr[j], fac[j], scs[j]),
+              abs_bound(ws[j], x, thr[j], fac[j], scs[j]))
+    if len(ns) == 3:
+        assert bool((outs[2] == 0).all())
+
+
+@on_gpu
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_input_matches_reference(gen, dtype, act):
+    dev = torch.device("cuda")
+    for k, n in ((1537, 1024), (577, 33)):
+        w, sc = make_weights(gen, k, n, dtype)
+        g, u = torch.randn(k, generator=gen) * 3, torch.randn(k, generator=gen)
+        xa = ref_ops.gated_input(g, u, act)  # float32, as the kernel forms it
+        for sparsity in (0.0, 0.5, 1.0):
+            t = threshold_mid(xa.abs(), sparsity)
+            y = run(w, g, t, scales=sc, up=u.to(dev), act=act)
+            check(y, reference(w, xa, t, scales=sc), abs_bound(w, xa, t, scales=sc))
+
+
+@on_gpu
+def test_group_and_gate_reject_bad_arguments(gen):
+    dev = torch.device("cuda")
+    w = torch.randn(64, 128, device=dev).half()
+    x = torch.randn(64, device=dev)
+    with pytest.raises(ValueError, match="segments"):
+        kc.sparse_gemv_group([w] * 4, x, [0.5] * 4)
+    with pytest.raises(ValueError, match="K="):
+        kc.sparse_gemv_group([w, torch.randn(63, 128, device=dev).half()], x, [0.5, 0.5])
+    with pytest.raises(ValueError, match="act"):
+        kc.sparse_gemv(w, x, 0.5, up=x, act="relu")
+    with pytest.raises(ValueError, match="act needs up"):
+        kc.sparse_gemv(w, x, 0.5, act="silu")
+
+
+# ---- residual add + RMS norm --------------------------------------------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("d", [1, 577, 4129])
+@pytest.mark.parametrize("mode", ["no_add", "add", "post_norm"])
+def test_add_rms_norm_matches_reference(gen, d, mode):
+    dev = torch.device("cuda")
+    h = torch.randn(d, generator=gen) * 2
+    r = None if mode == "no_add" else torch.randn(d, generator=gen) * 5
+    w = torch.randn(d, generator=gen)
+    pw = torch.rand(d, generator=gen) + 0.5 if mode == "post_norm" else None
+    eps = 1e-5
+    hd = h.to(dev)
+    out = torch.full((d,), float("nan"), device=dev)
+    kc.add_rms_norm(hd, None if r is None else r.to(dev), w.to(dev), eps, out,
+                    None if pw is None else pw.to(dev))
+    torch.cuda.synchronize()
+    h_ref, x_ref = ref_ops.add_rms_norm(h, r, w, eps, pw)
+    # float32: a sum of d squares is within d*u of exact, rsqrt and each product add a few u,
+    # and h + r' rounds once relative to |h| + |r'| (r' itself carries the norm's error).
+    rp = torch.zeros(d, dtype=torch.float64) if r is None else (h_ref - h.double()).abs()
+    tol_h = (d + 8) * U32 * (h.double().abs() + rp) + 1e-30
+    s = x_ref.abs() / h_ref.abs().clamp_min(1e-30)  # |rsqrt(mean h^2 + eps) * w|
+    tol_x = (d + 8) * U32 * (x_ref.abs() + s * (h.double().abs() + rp)) + 1e-30
+    assert not torch.isnan(out).any()
+    assert bool(((hd.double().cpu() - h_ref).abs() <= tol_h).all())
+    assert bool(((out.double().cpu() - x_ref).abs() <= tol_x).all())
+
+
+# ---- decode attention -----------------------------------------------------------------------------
+
+def rope_tables(gen, L: int, dk: int, neox: bool):
+    """cos/sin tables (L, dk) and partner index (dk,) int32 in the engine's layout, at random
+    angles; the last quarter of the features does not rotate (cos 1, sin 0, perm identity)."""
+    rd = dk // 2 if dk >= 8 else dk
+    rd -= rd % 2
+    half = rd // 2
+    pairs = torch.arange(half)
+    lo, hi = (pairs, pairs + half) if neox else (2 * pairs, 2 * pairs + 1)
+    perm = torch.arange(dk)
+    perm[lo], perm[hi] = hi, lo
+    ang = torch.rand(L, half, generator=gen) * 6.3
+    cos, sin = torch.ones(L, dk), torch.zeros(L, dk)
+    cos[:, lo], cos[:, hi] = torch.cos(ang), torch.cos(ang)
+    sin[:, lo], sin[:, hi] = -torch.sin(ang), torch.sin(ang)
+    return cos, sin, perm.to(torch.int32)
+
+
+ATTN_CASES = [  # n_head, n_head_kv, dk, dv, max_len, pos, window, qk_norm, neox
+    (6, 3, 8, 8, 40, 0, 0, False, False),
+    (6, 2, 36, 44, 97, 50, 0, False, True),
+    (32, 8, 128, 128, 300, 299, 0, False, False),
+    (4, 1, 256, 256, 64, 40, 7, True, True),
+    (4, 4, 64, 64, 1025, 1000, 0, True, False),
+    (8, 2, 128, 128, 600, 555, 512, False, True),
+]
+
+
+@on_gpu
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
+def test_attention_decode_matches_reference(gen, case):
+    nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
+    dev = torch.device("cuda")
+    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen)
+    kc_, vc_ = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
+    # NaN wherever the kernel must not read: after pos, and before the window.
+    t0 = max(0, pos - window + 1) if window else 0
+    for c in (kc_, vc_):
+        c[:, pos + 1:] = float("nan")
+        c[:, :t0] = float("nan")
+    cos, sin, perm = rope_tables(gen, L, dk, neox)
+    qn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
+    kn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
+    scale, eps = 1.0 / math.sqrt(dk), 1e-6
+    out_ref, kc_ref, vc_ref = ref_ops.attention_decode(
+        qkv, kc_, vc_, pos, cos, sin, perm, n_head=nh, scale=scale, eps=eps, window=window,
+        q_norm=qn, k_norm=kn)
+    kd, vd = kc_.to(dev), vc_.to(dev)
+    out = torch.full((nh * dv,), float("nan"), device=dev)
+    kc.attention_decode(qkv.to(dev), kd, vd, torch.tensor([pos], device=dev), cos.to(dev),
+                        sin.to(dev), perm.to(dev), out, n_head=nh, scale=scale, eps=eps,
+                        window=window, q_norm=None if qn is None else qn.to(dev),
+                        k_norm=None if kn is None else kn.to(dev))
+    torch.cuda.synchronize()
+    got = out.double().cpu()
+    assert not torch.isnan(got).any()
+    # float32 dot products of <= 512 terms and a softmax over <= 1025 keys land near 1e-6 of
+    # the result's scale; a missing key, a wrong rotation or a wrong head is >= 1e-2.
+    err = float((got - out_ref).abs().max() / out_ref.abs().max())
+    assert err < 2e-5, err
+    # The cache: position pos holds the rotated key (float32 rounding) and the value (exact);
+    # every other entry is untouched, NaN included.
+    assert float((kd[:, pos].double().cpu() - kc_ref[:, pos]).abs().max()) < 1e-5 * float(
+        kc_ref[:, pos].abs().max())
+    assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].float())
+    others = torch.ones(L, dtype=torch.bool)
+    others[pos] = False
+    for got_c, want_c in ((kd, kc_), (vd, vc_)):
+        a, b = got_c[:, others].cpu(), want_c[:, others]
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@on_gpu
+def test_attention_decode_position_out_of_range(gen):
+    dev = torch.device("cuda")
+    nh, nkv, dk, L = 4, 2, 16, 10
+    qkv = torch.randn(nh * dk + nkv * 2 * dk, generator=gen, device="cpu").to(dev)
+    kd, vd = torch.zeros(nkv, L, dk, device=dev), torch.zeros(nkv, L, dk, device=dev)
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+    out = torch.zeros(nh * dk, device=dev)
+    kc.attention_decode(qkv, kd, vd, torch.tensor([L], device=dev), cos, sin, perm, out,
+                        n_head=nh, scale=0.25)
+    torch.cuda.synchronize()
+    assert bool(torch.isnan(out).all())  # no silent garbage, and nothing written out of bounds
+    assert not kd.any() and not vd.any()
+    with pytest.raises(ValueError, match="multiple"):
+        kc.attention_decode(qkv, kd, vd, torch.tensor([0], device=dev), cos, sin, perm, out,
+                            n_head=3, scale=0.25)

@@ -1,9 +1,13 @@
-"""Threshold-sparse GEMV on CUDA: build `sparse_gemv.cu`, load it with ctypes, call it from torch.
+"""CUDA kernels for batch-1 decode: build the ``.cu`` sources, load them with ctypes, call from torch.
 
-Computes ``y = W^T (x * keep)`` with ``keep = NOT(score(x) <= t)``, ``score = |x|`` or
-``|x| * factor``, for input-major weights ``W`` of shape (K, N) (row i multiplies ``x[i]``), in
-fp16, bf16 or int8 with float32 scales per group of ``INT8_GROUP`` outputs. See ``sparse_gemv.h``
-for the full contract; this module adds argument checks and launches on torch's current stream.
+``sparse_gemv`` computes ``y = W^T (x * keep)`` with ``keep = NOT(score(x) <= t)``, ``score = |x|``
+or ``|x| * factor``, for input-major weights ``W`` of shape (K, N) (row i multiplies ``x[i]``), in
+fp16, bf16 or int8 with float32 scales per group of ``INT8_GROUP`` outputs; ``sparse_gemv_group``
+does several such products of one x in one launch, and both take a gated input
+``act(x) * up``. ``add_rms_norm`` and ``attention_decode`` are the rest of a decoder block for
+one token. See ``sparse_gemv.h`` and ``decode_ops.h`` for the full contracts; this module adds
+argument checks and launches on torch's current stream. Plain torch references for every kernel
+are in :mod:`.reference_ops`.
 
 The shared library is compiled with nvcc for the device's own architecture on first use and cached
 under ``~/.cache/sparsify/kernels/<hash of source, header, arch, nvcc version and flags>/``.
@@ -25,6 +29,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sparse_gemv.cu"
 HEADER = HERE / "sparse_gemv.h"
+SOURCES = (SOURCE, HERE / "decode_ops.cu")
+HEADERS = (HEADER, HERE / "decode_ops.h")
+MAX_SEGMENTS = 3
+"""Segments per grouped GEMV launch (SPARSIFY_GEMV_MAX_SEGMENTS)."""
+ACTS = {"silu": 1, "gelu_tanh": 2}
+"""Gated-input activations (SPARSIFY_GEMV_ACT_*)."""
 
 INT8_GROUP = 128
 """Output channels per int8 scale group (SPARSIFY_GEMV_INT8_GROUP in the header)."""
@@ -69,10 +79,14 @@ def gencode(arch: tuple[int, int]) -> str:
     return f"-gencode=arch=compute_{cc},code=sm_{cc}"
 
 
-def compile_command(nvcc: str, arch: tuple[int, int], output: Path, shared: bool = True) -> list:
-    """nvcc command line compiling SOURCE for ``arch`` into ``output`` (.so, or .o if not shared)."""
-    kind = ["--shared"] if shared else ["-c"]
-    return [nvcc, *NVCC_FLAGS, gencode(arch), *kind, "-o", str(output), str(SOURCE)]
+def compile_command(nvcc: str, arch: tuple[int, int], output: Path, shared: bool = True,
+                    source: Path | None = None) -> list:
+    """nvcc command line for ``arch``: every source into the shared library ``output``, or
+    (``shared=False``) one ``source`` (default SOURCE) into the object file ``output``."""
+    if shared:
+        return [nvcc, *NVCC_FLAGS, gencode(arch), "--shared", "-o", str(output),
+                *map(str, SOURCES)]
+    return [nvcc, *NVCC_FLAGS, gencode(arch), "-c", "-o", str(output), str(source or SOURCE)]
 
 
 def cache_root() -> Path:
@@ -84,16 +98,17 @@ def cache_root() -> Path:
 def build(arch: tuple[int, int], nvcc: str | None = None) -> Path:
     """Compile the kernels for ``arch`` unless a cached build exists; return the .so path.
 
-    The cache key hashes the source, the header, the architecture, the nvcc version text and the
-    flags, so any change to one of them builds anew. Writes go to a temporary file renamed into
+    The cache key hashes the sources, the headers, the architecture, the nvcc version text and
+    the flags, so any change to one of them builds anew. Writes go to a temporary file renamed into
     place, so concurrent builders never load a half-written library.
     """
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise KernelBuildError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), HEADER.read_bytes(), repr(arch).encode(),
-                 nvcc_version(nvcc).encode(), repr(NVCC_FLAGS).encode()):
+    parts = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
+    for part in (*parts, repr(arch).encode(), nvcc_version(nvcc).encode(),
+                 repr(NVCC_FLAGS).encode()):
         h.update(part)
         h.update(b"\0")
     out_dir = cache_root() / h.hexdigest()[:20]
@@ -112,10 +127,31 @@ def build(arch: tuple[int, int], nvcc: str | None = None) -> Path:
     return lib
 
 
+class _Segment(ctypes.Structure):
+    """sparsify_gemv_segment (sparse_gemv.h)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("factor", ctypes.c_void_p),
+                ("threshold", ctypes.c_void_p), ("y", ctypes.c_void_p), ("n", ctypes.c_int)]
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i, z = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+    p, i, z, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_float
     lib.sparsify_gemv_workspace_bytes.argtypes = [i, i]
     lib.sparsify_gemv_workspace_bytes.restype = z
+    lib.sparsify_gemv_group_workspace_bytes.argtypes = [i, ctypes.POINTER(i), i]
+    lib.sparsify_gemv_group_workspace_bytes.restype = z
+    # wtype, segments, nseg, x, x_up, act, k, workspace, workspace_bytes, stream
+    lib.sparsify_gemv_group.argtypes = [i, ctypes.POINTER(_Segment), i, p, p, i, i, p, z, p]
+    lib.sparsify_gemv_group.restype = i
+    # h, r, post_w, w, x, d, eps, stream
+    lib.sparsify_add_rms_norm.argtypes = [p, p, p, p, p, i, f, p]
+    lib.sparsify_add_rms_norm.restype = i
+    # qkv, kc, vc, pos, cos, sin, perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv, max_len,
+    # window, scale, eps, stream
+    lib.sparsify_attention_decode.argtypes = [p] * 10 + [i] * 6 + [f, f, p]
+    lib.sparsify_attention_decode.restype = i
+    lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
+    lib.sparsify_attention_smem_bytes.restype = z
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
     # blocks_per_sm, stream
     lib.sparsify_gemv_tuned.argtypes = [i, p, p, p, p, p, p, i, i, p, z, i, i, p]
@@ -152,8 +188,15 @@ def make_workspace(k: int, n: int, device: torch.device | int | str) -> torch.Te
     return torch.zeros(workspace_bytes(k, n), dtype=torch.uint8, device=device)
 
 
-def _default_workspace(k: int, n: int, device: torch.device) -> torch.Tensor:
-    need = workspace_bytes(k, n)
+def group_workspace_bytes(k: int, ns: list[int]) -> int:
+    """Workspace bytes a grouped call (K inputs, segment widths ``ns``) needs."""
+    arr = (ctypes.c_int * len(ns))(*[int(n) for n in ns])
+    return int(load().sparsify_gemv_group_workspace_bytes(int(k), arr, len(ns)))
+
+
+def _default_workspace(k: int, n: int, device: torch.device, need: int | None = None
+                       ) -> torch.Tensor:
+    need = workspace_bytes(k, n) if need is None else need
     idx = device.index if device.index is not None else torch.cuda.current_device()
     with _lock:
         ws = _workspaces.get(idx)
@@ -185,46 +228,21 @@ def _check_vec(t: torch.Tensor, name: str, shape: tuple, device: torch.device) -
     _check(t.data_ptr() % 4 == 0, f"{name} must be 4-byte aligned")
 
 
-def sparse_gemv(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    threshold: torch.Tensor | float,
-    *,
-    factor: torch.Tensor | None = None,
-    scales: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    workspace: torch.Tensor | None = None,
-    variant: int = 0,
-    blocks_per_sm: int = 0,
-) -> torch.Tensor:
-    """``y[n] = sum_i w[i, n] * x[i] * keep[i]`` with ``keep[i] = NOT(score[i] <= threshold)``.
-
-    Args:
-        w: (K, N) input-major weights on a CUDA device, contiguous; float16, bfloat16, or int8
-            (symmetric, value = w * scale).
-        x: (K,) float32 activations, same device.
-        threshold: a float32 CUDA tensor with one element (read by the kernel when it runs, so a
-            captured graph follows later writes to it) or a Python float.
-        factor: optional (K,) float32 score factor (weight-aware criterion); None: ``|x|``.
-        scales: int8 only, (K, ceil(N / INT8_GROUP)) float32, one per group of outputs.
-        out: optional (N,) float32 output; allocated when None. Every element is written.
-        workspace: optional uint8 CUDA tensor from ``make_workspace``; default: one per device,
-            grown outside graph capture. Concurrent streams need their own.
-        variant, blocks_per_sm: launch configuration for benchmarks (see sparse_gemv.h).
-
-    Returns:
-        ``out``: (N,) float32. Launched asynchronously on torch's current stream of ``w``'s
-        device; no host synchronisation.
-    """
-    _check(isinstance(w, torch.Tensor) and w.is_cuda, "w must be a CUDA tensor")
-    _check(w.dtype in _WTYPE, f"w must be float16, bfloat16 or int8, got {w.dtype}")
-    _check(w.dim() == 2, f"w must be 2-D (K, N), got shape {tuple(w.shape)}")
-    _check(w.is_contiguous(), "w must be contiguous (input-major, row i = weights of x[i])")
-    _check(w.data_ptr() % w.element_size() == 0, "w must be aligned to its element size")
+def _check_weights(w: torch.Tensor, name: str = "w") -> tuple[int, int]:
+    _check(isinstance(w, torch.Tensor) and w.is_cuda, f"{name} must be a CUDA tensor")
+    _check(w.dtype in _WTYPE, f"{name} must be float16, bfloat16 or int8, got {w.dtype}")
+    _check(w.dim() == 2, f"{name} must be 2-D (K, N), got shape {tuple(w.shape)}")
+    _check(w.is_contiguous(),
+           f"{name} must be contiguous (input-major, row i = weights of x[i])")
+    _check(w.data_ptr() % w.element_size() == 0, f"{name} must be aligned to its element size")
     k, n = w.shape
     _check(k < 2**31 and n < 2**31, f"K={k} and N={n} must each fit in int32")
-    dev = w.device
-    _check_vec(x, "x", (k,), dev)
+    return k, n
+
+
+def _check_segment(w, threshold, factor, scales, out, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks one (weights, threshold, factor, scales, out) set; returns (threshold, out)."""
+    k, n = w.shape
     if factor is not None:
         _check_vec(factor, "factor", (k,), dev)
     if w.dtype == torch.int8:
@@ -242,27 +260,244 @@ def sparse_gemv(
         out = torch.empty(n, dtype=torch.float32, device=dev)
     else:
         _check_vec(out, "out", (n,), dev)
+    return threshold, out
+
+
+def _check_workspace(workspace: torch.Tensor, need: int, dev: torch.device, shape: str) -> None:
+    _check(workspace.device == dev, f"workspace is on {workspace.device}, not {dev}")
+    _check(workspace.dtype == torch.uint8 and workspace.is_contiguous(),
+           "workspace must be a contiguous uint8 tensor")
+    _check(workspace.data_ptr() % 16 == 0, "workspace must be 16-byte aligned")
+    _check(workspace.numel() >= need,
+           f"workspace has {workspace.numel()} bytes, {shape} needs {need}")
+
+
+def _check_gate(up: torch.Tensor | None, act: str | None, k: int, dev: torch.device) -> int:
+    """The gated-input arguments as the kernel's act code (0: plain input)."""
+    if up is None:
+        _check(act is None, "act needs up (the gated input is act(x) * up)")
+        return 0
+    _check(act in ACTS, f"act must be one of {sorted(ACTS)} with up, got {act!r}")
+    _check_vec(up, "up", (k,), dev)
+    return ACTS[act]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _raise_on(rc: int, what: str) -> None:
+    if rc != 0:
+        msg = load().sparsify_gemv_error_string(rc).decode()
+        raise RuntimeError(f"{what} failed: {msg}")
+
+
+def sparse_gemv(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    threshold: torch.Tensor | float,
+    *,
+    factor: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
+    act: str | None = None,
+    variant: int = 0,
+    blocks_per_sm: int = 0,
+) -> torch.Tensor:
+    """``y[n] = sum_i w[i, n] * x[i] * keep[i]`` with ``keep[i] = NOT(score[i] <= threshold)``.
+
+    Args:
+        w: (K, N) input-major weights on a CUDA device, contiguous; float16, bfloat16, or int8
+            (symmetric, value = w * scale).
+        x: (K,) float32 activations, same device.
+        threshold: a float32 CUDA tensor with one element (read by the kernel when it runs, so a
+            captured graph follows later writes to it) or a Python float.
+        factor: optional (K,) float32 score factor (weight-aware criterion); None: ``|x|``.
+        scales: int8 only, (K, ceil(N / INT8_GROUP)) float32, one per group of outputs.
+        out: optional (N,) float32 output; allocated when None. Every element is written.
+        workspace: optional uint8 CUDA tensor from ``make_workspace``; default: one per device,
+            grown outside graph capture. Concurrent streams need their own.
+        up, act: gated input: with ``up`` (K,) float32 and ``act`` "silu" or "gelu_tanh", the
+            input is ``act(x) * up`` (computed in the kernel, thresholded as the input).
+        variant, blocks_per_sm: launch configuration for benchmarks (see sparse_gemv.h); plain
+            inputs only.
+
+    Returns:
+        ``out``: (N,) float32. Launched asynchronously on torch's current stream of ``w``'s
+        device; no host synchronisation.
+    """
+    if up is not None or act is not None:
+        _check(variant == 0 and blocks_per_sm == 0, "a gated input runs the default launch")
+        return sparse_gemv_group([w], x, [threshold], [out],
+                                 factors=[factor], scales=[scales], up=up, act=act,
+                                 workspace=workspace)[0]
+    k, n = _check_weights(w)
+    dev = w.device
+    _check_vec(x, "x", (k,), dev)
+    threshold, out = _check_segment(w, threshold, factor, scales, out, dev)
     if workspace is None:
         workspace = _default_workspace(k, n, dev)
     else:
-        _check(workspace.device == dev, f"workspace is on {workspace.device}, not {dev}")
-        _check(workspace.dtype == torch.uint8 and workspace.is_contiguous(),
-               "workspace must be a contiguous uint8 tensor")
-        _check(workspace.data_ptr() % 16 == 0, "workspace must be 16-byte aligned")
-        _check(workspace.numel() >= workspace_bytes(k, n),
-               f"workspace has {workspace.numel()} bytes, (K={k}, N={n}) needs "
-               f"{workspace_bytes(k, n)}")
+        _check_workspace(workspace, workspace_bytes(k, n), dev, f"(K={k}, N={n})")
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.sparsify_gemv_tuned(
-            _WTYPE[w.dtype], w.data_ptr(), scales.data_ptr() if scales is not None else None,
-            x.data_ptr(), factor.data_ptr() if factor is not None else None,
+            _WTYPE[w.dtype], w.data_ptr(), _ptr(scales), x.data_ptr(), _ptr(factor),
             threshold.data_ptr(), out.data_ptr(), k, n, workspace.data_ptr(),
             workspace.numel(), variant, blocks_per_sm, stream)
-    if rc != 0:
-        msg = lib.sparsify_gemv_error_string(rc).decode()
-        raise RuntimeError(f"sparse_gemv launch failed (K={k}, N={n}, {w.dtype}): {msg}")
+    _raise_on(rc, f"sparse_gemv launch (K={k}, N={n}, {w.dtype})")
+    return out
+
+
+def sparse_gemv_group(
+    ws: list[torch.Tensor],
+    x: torch.Tensor,
+    thresholds: list[torch.Tensor | float],
+    outs: list[torch.Tensor | None] | None = None,
+    *,
+    factors: list[torch.Tensor | None] | None = None,
+    scales: list[torch.Tensor | None] | None = None,
+    up: torch.Tensor | None = None,
+    act: str | None = None,
+    workspace: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Several ``sparse_gemv`` products of one input in one launch (at most ``MAX_SEGMENTS``).
+
+    Segment j is ``y_j = w_j^T (x * keep_j)`` with its own (K, N_j) weights (all the same dtype
+    and K), threshold, factor and int8 scales; ``outs[j]`` (N_j,) float32 or None (allocated).
+    ``up``/``act`` make the shared input gated as in :func:`sparse_gemv`. Returns the outputs.
+    """
+    nseg = len(ws)
+    _check(1 <= nseg <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, got {nseg}")
+    outs = list(outs) if outs is not None else [None] * nseg
+    factors = list(factors) if factors is not None else [None] * nseg
+    scales = list(scales) if scales is not None else [None] * nseg
+    _check(len(thresholds) == nseg and len(outs) == nseg and len(factors) == nseg
+           and len(scales) == nseg, "one threshold, out, factor and scales entry per segment")
+    k, _ = _check_weights(ws[0], "ws[0]")
+    dev = ws[0].device
+    for j, w in enumerate(ws):
+        kj, _ = _check_weights(w, f"ws[{j}]")
+        _check(w.device == dev, f"ws[{j}] is on {w.device}, ws[0] on {dev}")
+        _check(w.dtype == ws[0].dtype, f"ws[{j}] is {w.dtype}, ws[0] {ws[0].dtype}")
+        _check(kj == k, f"ws[{j}] has K={kj}, ws[0] K={k}")
+    _check_vec(x, "x", (k,), dev)
+    code = _check_gate(up, act, k, dev)
+    segs = (_Segment * nseg)()
+    checked_thr = []
+    for j, w in enumerate(ws):
+        t, o = _check_segment(w, thresholds[j], factors[j], scales[j], outs[j], dev)
+        checked_thr.append(t)  # keeps a temporary threshold alive through the launch
+        outs[j] = o
+        segs[j] = _Segment(w.data_ptr(), _ptr(scales[j]), _ptr(factors[j]), t.data_ptr(),
+                           o.data_ptr(), int(w.shape[1]))
+    ns = [int(w.shape[1]) for w in ws]
+    need = group_workspace_bytes(k, ns)
+    if workspace is None:
+        workspace = _default_workspace(k, sum(ns), dev, need)
+    else:
+        _check_workspace(workspace, need, dev, f"(K={k}, N={ns})")
+    lib = load(dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.sparsify_gemv_group(_WTYPE[ws[0].dtype], segs, nseg, x.data_ptr(), _ptr(up),
+                                     code, k, workspace.data_ptr(), workspace.numel(), stream)
+    _raise_on(rc, f"sparse_gemv_group launch (K={k}, N={ns}, {ws[0].dtype})")
+    return outs
+
+
+def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor, post_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """In place ``h += r'`` (``r' = r``, or ``rms_norm(r) * post_weight``), then
+    ``out = h * rsqrt(mean(h^2) + eps) * weight``; all (d,) float32 on one CUDA device.
+
+    ``r=None`` skips the add. ``out`` must be a buffer of its own. Returns ``out``.
+    """
+    _check(isinstance(h, torch.Tensor) and h.is_cuda, "h must be a CUDA tensor")
+    dev = h.device
+    (d,) = h.shape if h.dim() == 1 else (None,)
+    _check(d is not None and d >= 1, f"h must be 1-D and non-empty, got {tuple(h.shape)}")
+    for t, name in ((h, "h"), (weight, "weight"), (out, "out"), (r, "r"),
+                    (post_weight, "post_weight")):
+        if t is not None:
+            _check_vec(t, name, (d,), dev)
+    _check(post_weight is None or r is not None, "post_weight needs r")
+    others = {h.data_ptr(), weight.data_ptr()} | ({r.data_ptr()} if r is not None else set())
+    _check(out.data_ptr() not in others, "out must not alias h, r or weight")
+    lib = load(dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.sparsify_add_rms_norm(h.data_ptr(), _ptr(r), _ptr(post_weight),
+                                       weight.data_ptr(), out.data_ptr(), d, float(eps), stream)
+    _raise_on(rc, f"add_rms_norm launch (d={d})")
+    return out
+
+
+def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | int | str
+                        ) -> bool:
+    """Whether :func:`attention_decode` runs these sizes on ``device`` (see decode_ops.h)."""
+    if dk % 4 or dv % 4 or not (0 < dk <= 512 and 0 < dv <= 512) or max_len < 1:
+        return False
+    smem = int(load(device).sparsify_attention_smem_bytes(dk, dv, max_len))
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+    return smem <= limit
+
+
+def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, perm: torch.Tensor, out: torch.Tensor,
+                     *, n_head: int, scale: float, eps: float = 0.0, window: int = 0,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Attention of one query position over the cache, RoPE and the cache write included.
+
+    Args:
+        qkv: (n_head*dk + n_head_kv*(dk + dv),) float32: q heads, k heads, v heads.
+        kc, vc: (n_head_kv, max_len, dk) and (n_head_kv, max_len, dv) float32 caches; position
+            ``pos`` is written (k normed and rotated, v as is).
+        pos: (1,) int64 device position, read when the kernel runs.
+        cos, sin: (max_len, dk) float32 RoPE tables, perm (dk,) int32 partner index:
+            ``x' = x * cos[pos] + x[perm] * sin[pos]``.
+        out: (n_head * dv,) float32 result, head-major.
+        scale: multiplies q.k; window: sliding window (0: causal only); q_norm/k_norm: (dk,)
+            per-head RMS-norm weights applied before RoPE (both or neither), with ``eps``.
+    """
+    _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
+    dev = kc.device
+    _check(kc.dim() == 3 and vc.dim() == 3, "kc and vc must be (n_head_kv, max_len, dim)")
+    hkv, L, dk = kc.shape
+    dv = vc.shape[2]
+    _check(tuple(vc.shape[:2]) == (hkv, L), f"vc shape {tuple(vc.shape)} does not match kc's")
+    _check(n_head >= 1 and n_head % hkv == 0, f"n_head {n_head} is not a multiple of {hkv}")
+    for t, name in ((kc, "kc"), (vc, "vc")):
+        _check(t.dtype == torch.float32 and t.is_contiguous() and t.device == dev,
+               f"{name} must be contiguous float32 on {dev}")
+    _check_vec(qkv, "qkv", (n_head * dk + hkv * (dk + dv),), dev)
+    _check_vec(out, "out", (n_head * dv,), dev)
+    _check_vec(cos, "cos", (L, dk), dev)
+    _check_vec(sin, "sin", (L, dk), dev)
+    _check(pos.device == dev and pos.dtype == torch.int64 and pos.numel() == 1,
+           "pos must be one int64 on the cache's device")
+    _check(perm.device == dev and perm.dtype == torch.int32 and tuple(perm.shape) == (dk,)
+           and perm.is_contiguous(), f"perm must be contiguous int32 ({dk},)")
+    _check((q_norm is None) == (k_norm is None), "q_norm and k_norm go together")
+    if q_norm is not None:
+        _check_vec(q_norm, "q_norm", (dk,), dev)
+        _check_vec(k_norm, "k_norm", (dk,), dev)
+    _check(window >= 0, f"window must be >= 0, got {window}")
+    _check(attention_supported(dk, dv, L, dev),
+           f"attention_decode does not run dk={dk}, dv={dv}, max_len={L} (decode_ops.h limits)")
+    lib = load(dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.sparsify_attention_decode(
+            qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm), out.data_ptr(),
+            n_head, hkv, dk, dv, L, int(window), float(scale), float(eps), stream)
+    _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 
 

@@ -40,6 +40,7 @@ constexpr int kMaxSplits = 64;
 constexpr int kMaxClusterSplits = 8;
 constexpr int kGroup = SPARSIFY_GEMV_INT8_GROUP;
 constexpr int kMaxDevices = 64;
+constexpr int kMaxSegs = SPARSIFY_GEMV_MAX_SEGMENTS;
 // The widest tile of any path (int8, 16 columns per lane).
 constexpr int kWidestTile = 32 * 16;
 // Workspace layout: arrival counters in a fixed region at the start, partial sums after it. The
@@ -168,21 +169,40 @@ template <int W> struct Frag<W, 1> {
 
 // ---- kernel -----------------------------------------------------------------------------------
 
-struct Params {
+// One output segment: its own weights, threshold, factor, scales and output, sharing x and K
+// with the other segments of the launch (q, k and v of one input; or gate and up).
+struct Seg {
   const char *w;
   const float *scales;  // int8 only
-  const float *x;
   const float *factor;  // may be null
   const float *threshold;
   float *y;
-  int k;
   int n;
+  int n_groups;  // int8 scale groups per row
+  int tile0;     // first tile (blockIdx.x) of this segment
+};
+
+struct Params {
+  Seg seg[kMaxSegs];
+  int nseg;
+  const float *x;
+  const float *x_up;  // gated input: x[i] := act(x[i]) * x_up[i]; null for a plain input
+  int act;            // SPARSIFY_GEMV_ACT_*
+  int k;
   int rows_per_block;
-  int n_groups;        // int8 scale groups per row
   float *partial;      // (splits, ld) float32, ticket reduction only
   unsigned *counters;  // (tiles,) arrival counters, ticket reduction only
   int ld;              // row stride of `partial` = tiles * TN
 };
+
+// The activations of sparsify.model, in float32 as torch computes them (F.silu: x / (1 + e^-x);
+// F.gelu(approximate="tanh")), so the kernel thresholds the same values the model would.
+__device__ __forceinline__ float gated(float g, float u, int act) {
+  if (act == SPARSIFY_GEMV_ACT_SILU) return g / (1.0f + expf(-g)) * u;
+  const float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  const float inner = kBeta * (g + 0.044715f * g * g * g);
+  return 0.5f * g * (1.0f + tanhf(inner)) * u;
+}
 
 template <int W, int VEC, int UNROLL, bool HINT, int RED>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
@@ -213,18 +233,26 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int tile = blockIdx.x;
+  const int tile = blockIdx.x;  // global tile: counters and partial sums are indexed by it
   const int split = blockIdx.y;
   const int splits = gridDim.y;
   const int k_begin = split * p.rows_per_block;
   const int k_end = min(p.k, k_begin + p.rows_per_block);
-  const float thr = __ldg(p.threshold);
+  // This block's segment, chosen with constant indices only (a run-time index into the
+  // parameter array would copy it to local memory).
+  Seg sg = p.seg[0];
+#pragma unroll
+  for (int i = 1; i < kMaxSegs; ++i) {
+    if (i < p.nseg && tile >= p.seg[i].tile0) sg = p.seg[i];
+  }
+  const int ltile = tile - sg.tile0;  // tile within the segment
+  const float thr = __ldg(sg.threshold);
 
-  const int col = tile * TN + lane * VEC;
+  const int col = ltile * TN + lane * VEC;
   // VEC > 1 is only launched when N % VEC == 0, so a lane's columns are all in or all out.
-  const bool col_ok = col < p.n;
-  const char *wcol = p.w + static_cast<size_t>(col) * kBytes;
-  const size_t row_bytes = static_cast<size_t>(p.n) * kBytes;
+  const bool col_ok = col < sg.n;
+  const char *wcol = sg.w + static_cast<size_t>(col) * kBytes;
+  const size_t row_bytes = static_cast<size_t>(sg.n) * kBytes;
   const int group = col / kGroup;
 
   float acc[VEC];
@@ -242,8 +270,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
       bool keep = false;
       if (i < c1) {
         xi = __ldg(p.x + i);
+        if (p.x_up != nullptr) xi = gated(xi, __ldg(p.x_up + i), p.act);
         float score = fabsf(xi);
-        if (p.factor != nullptr) score *= __ldg(p.factor + i);
+        if (sg.factor != nullptr) score *= __ldg(sg.factor + i);
         keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, keep);
@@ -282,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
           frag[u].template load<HINT>(wcol + static_cast<size_t>(r) * row_bytes, valid);
           float s = sm.list.xv[jj];
           if (W == kI8) {
-            s *= load_f32(p.scales + static_cast<size_t>(r) * p.n_groups + group, valid);
+            s *= load_f32(sg.scales + static_cast<size_t>(r) * sg.n_groups + group, valid);
           }
           xs[u] = s;
         }
@@ -316,11 +345,11 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += sm.red[w][cc];
-    const int n = tile * TN + cc;
+    const int n = ltile * TN + cc;
     if (splits == 1) {
-      if (n < p.n) p.y[n] = s;
+      if (n < sg.n) sg.y[n] = s;
     } else if (RED == kTicket) {
-      __stcg(p.partial + static_cast<size_t>(split) * p.ld + n, s);
+      __stcg(p.partial + static_cast<size_t>(split) * p.ld + tile * TN + cc, s);
     } else {
       csum[cc] = s;
     }
@@ -367,8 +396,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
       float s = 0.0f;
 #pragma unroll
       for (int gg = 0; gg < G; ++gg) s += sm.red[gg][cc];
-      const int n = tile * TN + cc;
-      if (n < p.n) p.y[n] = s;
+      const int n = ltile * TN + cc;
+      if (n < sg.n) sg.y[n] = s;
     }
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -382,8 +411,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
     for (int cc = rank * chunk + tid; cc < hi; cc += kThreads) {
       float s = 0.0f;
       for (int b = 0; b < splits; ++b) s += cluster.map_shared_rank(csum, b)[cc];
-      const int n = tile * TN + cc;
-      if (n < p.n) p.y[n] = s;
+      const int n = ltile * TN + cc;
+      if (n < sg.n) sg.y[n] = s;
     }
     cluster.sync();  // no block may exit while another still reads its shared memory
 #endif
@@ -420,14 +449,12 @@ cudaError_t device_major(int dev, int *major) {
 }
 
 struct Args {
-  const void *w;
-  const float *scales;
+  sparsify_gemv_segment seg[kMaxSegs];
+  int nseg;
   const float *x;
-  const float *factor;
-  const float *threshold;
-  float *y;
+  const float *x_up;
+  int act;
   int k;
-  int n;
   void *workspace;
   size_t workspace_bytes;
   int blocks_per_sm;
@@ -457,9 +484,26 @@ cudaError_t launch(const Args &a) {
   }
   const int per_sm = (a.blocks_per_sm > 0 && a.blocks_per_sm < occ) ? a.blocks_per_sm : occ;
 
+  Params p;
+  int tiles = 0;
+  for (int i = 0; i < kMaxSegs; ++i) {
+    Seg &d = p.seg[i];
+    const sparsify_gemv_segment &s = a.seg[i < a.nseg ? i : 0];
+    d.w = static_cast<const char *>(s.w);
+    d.scales = s.scales;
+    d.factor = s.factor;
+    d.threshold = s.threshold;
+    d.y = s.y;
+    d.n = s.n;
+    d.n_groups = ceil_div(s.n, kGroup);
+    d.tile0 = tiles;
+    // Unused slots repeat segment 0 with a first tile past the grid, so no block selects them.
+    if (i < a.nseg) tiles += ceil_div(s.n, TN);
+  }
+  for (int i = a.nseg; i < kMaxSegs; ++i) p.seg[i].tile0 = tiles;
+
   // Split K so that tiles * splits fills one wave of resident blocks: every block starts at
   // once, and none waits for a second wave that would stretch the tail.
-  const int tiles = ceil_div(a.n, TN);
   const int max_splits = (RED == kCluster) ? kMaxClusterSplits : kMaxSplits;
   int splits = (sms * per_sm * a.waves) / tiles;
   splits = splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
@@ -469,17 +513,12 @@ cudaError_t launch(const Args &a) {
   const int rows = static_cast<int>(round_up(ceil_div(a.k, splits), 32));
   splits = ceil_div(a.k, rows);
 
-  Params p;
-  p.w = static_cast<const char *>(a.w);
-  p.scales = a.scales;
+  p.nseg = a.nseg;
   p.x = a.x;
-  p.factor = a.factor;
-  p.threshold = a.threshold;
-  p.y = a.y;
+  p.x_up = a.x_up;
+  p.act = a.act;
   p.k = a.k;
-  p.n = a.n;
   p.rows_per_block = rows;
-  p.n_groups = ceil_div(a.n, kGroup);
   p.ld = tiles * TN;
   p.counters = static_cast<unsigned *>(a.workspace);
   p.partial = reinterpret_cast<float *>(static_cast<char *>(a.workspace) + kCounterBytes);
@@ -519,18 +558,45 @@ bool aligned(const void *p, size_t b) { return reinterpret_cast<uintptr_t>(p) % 
 
 template <int W>
 cudaError_t dispatch(const Args &a, int variant) {
-  if (a.k < 0 || a.n < 0) return cudaErrorInvalidValue;
-  if (a.n == 0) return cudaSuccess;
-  if (a.w == nullptr || a.x == nullptr || a.threshold == nullptr || a.y == nullptr) {
+  if (a.k < 0 || a.nseg < 1 || a.nseg > kMaxSegs) return cudaErrorInvalidValue;
+  if (a.x == nullptr || !aligned(a.x, 4) || !aligned(a.x_up, 4) || !aligned(a.workspace, 16)) {
     return cudaErrorInvalidValue;
   }
-  if (W == kI8 && a.scales == nullptr) return cudaErrorInvalidValue;
-  if (!aligned(a.x, 4) || !aligned(a.y, 4) || !aligned(a.threshold, 4) ||
-      !aligned(a.factor, 4) || !aligned(a.scales, 4) || !aligned(a.w, Elem<W>::kBytes) ||
-      !aligned(a.workspace, 16)) {
+  if (a.x_up != nullptr && a.act != SPARSIFY_GEMV_ACT_SILU &&
+      a.act != SPARSIFY_GEMV_ACT_GELU_TANH) {
     return cudaErrorInvalidValue;
   }
-  if (a.k == 0) return cudaMemsetAsync(a.y, 0, static_cast<size_t>(a.n) * 4, a.stream);
+  constexpr int VEC = 16 / Elem<W>::kBytes;
+  bool vec = true;
+  int n_total = 0;
+  for (int i = 0; i < a.nseg; ++i) {
+    const sparsify_gemv_segment &s = a.seg[i];
+    if (s.n < 0) return cudaErrorInvalidValue;
+    if (s.n == 0) continue;  // nothing to write, nothing read
+    if (s.w == nullptr || s.threshold == nullptr || s.y == nullptr) return cudaErrorInvalidValue;
+    if (W == kI8 && s.scales == nullptr) return cudaErrorInvalidValue;
+    if (!aligned(s.y, 4) || !aligned(s.threshold, 4) || !aligned(s.factor, 4) ||
+        !aligned(s.scales, 4) || !aligned(s.w, Elem<W>::kBytes)) {
+      return cudaErrorInvalidValue;
+    }
+    vec = vec && aligned(s.w, 16) && (static_cast<size_t>(s.n) * Elem<W>::kBytes) % 16 == 0;
+    n_total += s.n;
+  }
+  if (n_total == 0) return cudaSuccess;
+  // Empty segments take no tiles: drop them so that every segment in the launch has one.
+  Args b = a;
+  b.nseg = 0;
+  for (int i = 0; i < a.nseg; ++i) {
+    if (a.seg[i].n > 0) b.seg[b.nseg++] = a.seg[i];
+  }
+  if (a.k == 0) {
+    for (int i = 0; i < b.nseg; ++i) {
+      cudaError_t e = cudaMemsetAsync(b.seg[i].y, 0, static_cast<size_t>(b.seg[i].n) * 4,
+                                      a.stream);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }
 
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -538,12 +604,9 @@ cudaError_t dispatch(const Args &a, int variant) {
   int major = 0;
   err = device_major(dev, &major);
   if (err != cudaSuccess) return err;
-  Args b = a;
   b.pdl = major >= 9 && variant != 2;
   b.waves = 1;
 
-  constexpr int VEC = 16 / Elem<W>::kBytes;
-  const bool vec = aligned(a.w, 16) && (static_cast<size_t>(a.n) * Elem<W>::kBytes) % 16 == 0;
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
   // Eight loads in flight per lane everywhere: four or two measured no better across runs (the
   // differences, ~1 us, changed sign between runs; kernels/cuda/NOTES.md runs 2 and 3).
@@ -562,6 +625,15 @@ cudaError_t dispatch(const Args &a, int variant) {
   }
 }
 
+cudaError_t dispatch_any(int wtype, const Args &a, int variant) {
+  switch (wtype) {
+    case SPARSIFY_GEMV_F16: return dispatch<kF16>(a, variant);
+    case SPARSIFY_GEMV_BF16: return dispatch<kBF16>(a, variant);
+    case SPARSIFY_GEMV_I8: return dispatch<kI8>(a, variant);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -575,18 +647,47 @@ size_t sparsify_gemv_workspace_bytes(int k, int n) {
          static_cast<size_t>(splits_max) * round_up(static_cast<size_t>(n), kWidestTile) * 4;
 }
 
+size_t sparsify_gemv_group_workspace_bytes(int k, const int *n, int nseg) {
+  // Each segment starts on a fresh tile, so its width counts rounded up to the widest tile.
+  size_t total = 0;
+  for (int i = 0; i < nseg; ++i) {
+    if (n[i] > 0) total += round_up(static_cast<size_t>(n[i]), kWidestTile);
+  }
+  if (total > static_cast<size_t>(INT32_MAX)) total = INT32_MAX;
+  return sparsify_gemv_workspace_bytes(k, static_cast<int>(total));
+}
+
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
                                 const float *factor, const float *threshold, float *y, int k,
                                 int n, void *workspace, size_t workspace_bytes, int variant,
                                 int blocks_per_sm, cudaStream_t stream) {
-  const Args a{w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes,
-               blocks_per_sm, stream, false, 1};
-  switch (wtype) {
-    case SPARSIFY_GEMV_F16: return dispatch<kF16>(a, variant);
-    case SPARSIFY_GEMV_BF16: return dispatch<kBF16>(a, variant);
-    case SPARSIFY_GEMV_I8: return dispatch<kI8>(a, variant);
-    default: return cudaErrorInvalidValue;
-  }
+  Args a = {};
+  a.seg[0] = sparsify_gemv_segment{w, scales, factor, threshold, y, n};
+  a.nseg = 1;
+  a.x = x;
+  a.k = k;
+  a.workspace = workspace;
+  a.workspace_bytes = workspace_bytes;
+  a.blocks_per_sm = blocks_per_sm;
+  a.stream = stream;
+  return dispatch_any(wtype, a, variant);
+}
+
+cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                const float *x, const float *x_up, int act, int k,
+                                void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (segs == nullptr || nseg < 1 || nseg > kMaxSegs) return cudaErrorInvalidValue;
+  Args a = {};
+  for (int i = 0; i < nseg; ++i) a.seg[i] = segs[i];
+  a.nseg = nseg;
+  a.x = x;
+  a.x_up = x_up;
+  a.act = act;
+  a.k = k;
+  a.workspace = workspace;
+  a.workspace_bytes = workspace_bytes;
+  a.stream = stream;
+  return dispatch_any(wtype, a, 0);
 }
 
 cudaError_t sparsify_gemv_f16(const void *w, const float *x, const float *factor,

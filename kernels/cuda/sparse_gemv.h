@@ -104,6 +104,43 @@ cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, c
                                 int n, void *workspace, size_t workspace_bytes, int variant,
                                 int blocks_per_sm, cudaStream_t stream);
 
+/*
+ * Grouped launch: several weight matrices that multiply the same x (q, k and v of one block;
+ * gate and up), computed by one kernel launch. Segment s has its own (K, n_s) input-major
+ * weights, threshold, optional factor, int8 scales and output y_s, with the same semantics and
+ * layout rules as above; all segments share x, K and the weight format. Each segment starts on
+ * a fresh tile, so segments of any width mix freely (the 16-byte path is taken when every
+ * segment qualifies for it). At most SPARSIFY_GEMV_MAX_SEGMENTS segments.
+ *
+ * Gated input: with x_up != NULL the input channel is x'[i] = act(x[i]) * x_up[i], computed in
+ * float32 inside the kernel (act = SPARSIFY_GEMV_ACT_SILU: x / (1 + exp(-x));
+ * SPARSIFY_GEMV_ACT_GELU_TANH: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))), and the score,
+ * the threshold compare and the product all use x'. This is the FFN down projection's input
+ * act(gate) * up without a separate pass. With x_up == NULL, act is ignored.
+ *
+ * Workspace: at least sparsify_gemv_group_workspace_bytes(K, n, nseg) bytes, zeroed once (as
+ * above). The segment array is read on the host at the call; it need not outlive it.
+ */
+#define SPARSIFY_GEMV_MAX_SEGMENTS 3
+#define SPARSIFY_GEMV_ACT_NONE 0
+#define SPARSIFY_GEMV_ACT_SILU 1
+#define SPARSIFY_GEMV_ACT_GELU_TANH 2
+
+typedef struct {
+  const void *w;          /* (K, n) input-major weights */
+  const float *scales;    /* int8 only: (K, ceil(n / G)); else NULL */
+  const float *factor;    /* (K,) score factor or NULL */
+  const float *threshold; /* device pointer to one float32 */
+  float *y;               /* (n,) output */
+  int n;
+} sparsify_gemv_segment;
+
+size_t sparsify_gemv_group_workspace_bytes(int k, const int *n, int nseg);
+
+cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                const float *x, const float *x_up, int act, int k,
+                                void *workspace, size_t workspace_bytes, cudaStream_t stream);
+
 /* Human-readable text for an error code returned above. */
 const char *sparsify_gemv_error_string(cudaError_t err);
 

@@ -1,0 +1,379 @@
+// decode_ops.cu - residual add + RMS norm, and decode attention, for one token (decode_ops.h).
+//
+// Both kernels are latency-bound, not bandwidth-bound: at batch 1 they move kilobytes to a few
+// megabytes, so what matters is the number of launches and how many loads each thread keeps in
+// flight. Attention therefore runs one 1024-thread block per query head (every multiprocessor a
+// head, no cross-block reduction) with several keys per warp and several values per thread
+// loaded before any is used.
+#include "decode_ops.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include <atomic>
+
+namespace {
+
+constexpr int kNormThreads = 1024;
+constexpr int kAttnThreads = 1024;
+constexpr int kAttnWarps = kAttnThreads / 32;
+constexpr int kMaxHeadDim = 512;
+constexpr int kKeysPerWarp = 4;     // keys whose dot products one warp has in flight
+constexpr int kValuesPerThread = 4;  // value rows one thread has in flight
+// Partial sums of the value phase: (groups, dv) with groups * dv / 4 = kAttnThreads.
+constexpr int kPartFloats = 4 * kAttnThreads;
+constexpr int kMaxDevices = 64;
+
+__device__ __forceinline__ void wait_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (a no-op without it): the previous kernel's writes are
+  // visible after the wait; the next kernel may then begin its launch early.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum (or max) in a fixed order, the same value in every thread. `red` holds one
+// float per warp; the leading barrier lets consecutive calls reuse it.
+template <bool kMax>
+__device__ float block_reduce(float v, float *red) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int w = 1; w < warps; ++w) r = kMax ? fmaxf(r, red[w]) : r + red[w];
+  return r;
+}
+
+__global__ void __launch_bounds__(kNormThreads)
+    add_rms_norm_kernel(float *__restrict__ h, const float *__restrict__ r,
+                        const float *__restrict__ post_w, const float *__restrict__ w,
+                        float *__restrict__ x, int d, float eps) {
+  __shared__ float red[32];
+  wait_previous_grid();
+  const float inv_d = 1.0f / static_cast<float>(d);
+  float rs = 1.0f;
+  if (r != nullptr && post_w != nullptr) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
+    rs = rsqrtf(block_reduce<false>(ss, red) * inv_d + eps);
+  }
+  // Each element is read, updated and normed by the same thread: no barrier between the passes.
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float v = h[i];
+    if (r != nullptr) v += (post_w != nullptr) ? r[i] * rs * post_w[i] : r[i];
+    h[i] = v;
+    ss += v * v;
+  }
+  const float s = rsqrtf(block_reduce<false>(ss, red) * inv_d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) x[i] = h[i] * s * w[i];
+}
+
+struct AttnParams {
+  const float *qkv;
+  float *kc;
+  float *vc;
+  const long long *pos;
+  const float *cos_t;
+  const float *sin_t;
+  const int *perm;
+  const float *q_norm;
+  const float *k_norm;
+  float *out;
+  int n_head, n_head_kv, dk, dv, max_len, window;
+  float scale, eps;
+};
+
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
+  extern __shared__ float4 smem4[];
+  float *sm = reinterpret_cast<float *>(smem4);
+  const int dk = p.dk;
+  const int dv = p.dv;
+  float *q = sm;        // (dk) q of this head, then normed
+  float *k = q + dk;    // (dk) the new key of this head's group
+  float *qr = k + dk;   // (dk) q after RoPE
+  float *kr = qr + dk;  // (dk) new key after RoPE
+  float *s = kr + dk;   // (max_len rounded up to 4) scores, then softmax numerators
+  float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
+  __shared__ float red[32];
+  wait_previous_grid();
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int h = blockIdx.x;
+  const int rep = p.n_head / p.n_head_kv;
+  const int g = h / rep;
+  const long long pos = *p.pos;
+  float *out = p.out + static_cast<size_t>(h) * dv;
+  if (pos < 0 || pos >= p.max_len) {  // uniform across the block: no barrier is skipped
+    for (int i = tid; i < dv; i += blockDim.x) out[i] = __int_as_float(0x7fc00000);
+    return;
+  }
+  const float *qsrc = p.qkv + static_cast<size_t>(h) * dk;
+  const float *ksrc = p.qkv + static_cast<size_t>(p.n_head + g) * dk;
+  const float *vsrc = p.qkv + static_cast<size_t>(p.n_head + p.n_head_kv) * dk +
+                      static_cast<size_t>(g) * dv;
+  for (int i = tid; i < dk; i += blockDim.x) {
+    q[i] = qsrc[i];
+    k[i] = ksrc[i];
+  }
+  if (p.q_norm != nullptr) {  // model.rms_norm over each head, before RoPE (same thread/element)
+    float sq = 0.0f;
+    float sk = 0.0f;
+    for (int i = tid; i < dk; i += blockDim.x) {
+      sq += q[i] * q[i];
+      sk += k[i] * k[i];
+    }
+    const float inv = 1.0f / static_cast<float>(dk);
+    const float a = rsqrtf(block_reduce<false>(sq, red) * inv + p.eps);
+    const float b = rsqrtf(block_reduce<false>(sk, red) * inv + p.eps);
+    for (int i = tid; i < dk; i += blockDim.x) {
+      q[i] = q[i] * a * p.q_norm[i];
+      k[i] = k[i] * b * p.k_norm[i];
+    }
+  }
+  __syncthreads();  // RoPE reads partner elements written by other threads
+  const float *cs = p.cos_t + pos * dk;
+  const float *sn = p.sin_t + pos * dk;
+  for (int i = tid; i < dk; i += blockDim.x) {
+    const int j = p.perm[i];
+    qr[i] = q[i] * cs[i] + q[j] * sn[i];
+    kr[i] = k[i] * cs[i] + k[j] * sn[i];
+  }
+  __syncthreads();
+  const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
+  const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
+  if (h % rep == 0) {  // one block per group writes the cache; no block reads position pos
+    float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
+    float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
+    for (int i = tid; i < dk; i += blockDim.x) kdst[i] = kr[i];
+    for (int i = tid; i < dv; i += blockDim.x) vdst[i] = vsrc[i];
+  }
+
+  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
+  const int t0 = p.window > 0 ? static_cast<int>(max(0LL, pos - p.window + 1)) : 0;
+  const int nt = static_cast<int>(pos) - t0 + 1;
+  const int ipos = static_cast<int>(pos);
+
+  // Scores: warp w takes keys w*K .. w*K + K - 1 (K = kKeysPerWarp), then the next 32*K; lanes
+  // cover the head dimension in float4s. Indices past the end are clamped to the last key (a
+  // valid row), so all K loads issue unconditionally and only the store is skipped.
+  const float4 *q4 = reinterpret_cast<const float4 *>(qr);
+  const float4 *kr4 = reinterpret_cast<const float4 *>(kr);
+  const int n4k = dk / 4;
+  for (int j0 = warp * kKeysPerWarp; j0 < nt; j0 += kAttnWarps * kKeysPerWarp) {
+    float dot[kKeysPerWarp];
+#pragma unroll
+    for (int u = 0; u < kKeysPerWarp; ++u) dot[u] = 0.0f;
+    for (int c = lane; c < n4k; c += 32) {
+      const float4 qv = q4[c];
+      float4 kv[kKeysPerWarp];
+#pragma unroll
+      for (int u = 0; u < kKeysPerWarp; ++u) {
+        const int t = t0 + min(j0 + u, nt - 1);
+        const float4 *row = (t == ipos) ? kr4
+                                        : reinterpret_cast<const float4 *>(
+                                              kbase + static_cast<size_t>(t) * dk);
+        kv[u] = row[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kKeysPerWarp; ++u) {
+        dot[u] += qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kKeysPerWarp; ++u) {
+      const float v = warp_sum(dot[u]);
+      if (lane == 0 && j0 + u < nt) s[j0 + u] = v * p.scale;  // the model: (q k^T) * scale
+    }
+  }
+  __syncthreads();
+
+  // Softmax numerators in place (each j stays with one thread), then the denominator.
+  float m = -INFINITY;
+  for (int j = tid; j < nt; j += blockDim.x) m = fmaxf(m, s[j]);
+  m = block_reduce<true>(m, red);
+  float sum = 0.0f;
+  for (int j = tid; j < nt; j += blockDim.x) {
+    const float e = expf(s[j] - m);
+    s[j] = e;
+    sum += e;
+  }
+  sum = block_reduce<false>(sum, red);  // its barriers also publish every s[j]
+
+  // Weighted values: thread (grp, c) adds float4 column c of rows grp, grp + groups, ...
+  const int nchunk = dv / 4;
+  const int groups = kAttnThreads / nchunk;
+  const int grp = tid / nchunk;
+  const int c = tid % nchunk;
+  const float4 *vnew4 = reinterpret_cast<const float4 *>(vsrc);
+  if (grp < groups) {
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int j = grp; j < nt; j += groups * kValuesPerThread) {
+      float4 v[kValuesPerThread];
+      float wt[kValuesPerThread];
+#pragma unroll
+      for (int u = 0; u < kValuesPerThread; ++u) {
+        const int jj = min(j + u * groups, nt - 1);
+        const int t = t0 + jj;
+        const float4 *row = (t == ipos) ? vnew4
+                                        : reinterpret_cast<const float4 *>(
+                                              vbase + static_cast<size_t>(t) * dv);
+        v[u] = row[c];
+        wt[u] = (j + u * groups < nt) ? s[jj] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kValuesPerThread; ++u) {
+        acc.x += wt[u] * v[u].x;
+        acc.y += wt[u] * v[u].y;
+        acc.z += wt[u] * v[u].z;
+        acc.w += wt[u] * v[u].w;
+      }
+    }
+    reinterpret_cast<float4 *>(part)[grp * nchunk + c] = acc;
+  }
+  __syncthreads();
+  for (int i = tid; i < dv; i += blockDim.x) {
+    float o = 0.0f;
+    for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
+    out[i] = o / sum;
+  }
+}
+
+bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr) % b == 0; }
+
+cudaError_t device_major(int *major) {
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) {
+    *major = cache[dev].load(std::memory_order_relaxed);
+    if (*major > 0) return cudaSuccess;
+  }
+  err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(*major, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  int major = 0;
+  cudaError_t err = device_major(&major);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t sparsify_add_rms_norm(float *h, const float *r, const float *post_w, const float *w,
+                                  float *x, int d, float eps, cudaStream_t stream) {
+  if (d < 1 || h == nullptr || w == nullptr || x == nullptr) return cudaErrorInvalidValue;
+  if (post_w != nullptr && r == nullptr) return cudaErrorInvalidValue;
+  if (!aligned(h, 4) || !aligned(r, 4) || !aligned(post_w, 4) || !aligned(w, 4) ||
+      !aligned(x, 4)) {
+    return cudaErrorInvalidValue;
+  }
+  return launch(add_rms_norm_kernel, 1, kNormThreads, 0, stream, h, r, post_w, w, x, d, eps);
+}
+
+size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len) {
+  (void)dv;  // the value phase's partial sums have a fixed size
+  return (static_cast<size_t>(4) * dk + ((static_cast<size_t>(max_len) + 3) & ~size_t{3}) +
+          kPartFloats) * sizeof(float);
+}
+
+cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, const int64_t *pos,
+                                      const float *cos_t, const float *sin_t, const int32_t *perm,
+                                      const float *q_norm, const float *k_norm, float *out,
+                                      int n_head, int n_head_kv, int dk, int dv, int max_len,
+                                      int window, float scale, float eps, cudaStream_t stream) {
+  if (qkv == nullptr || kc == nullptr || vc == nullptr || pos == nullptr || cos_t == nullptr ||
+      sin_t == nullptr || perm == nullptr || out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if ((q_norm == nullptr) != (k_norm == nullptr)) return cudaErrorInvalidValue;
+  if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0 || dk < 1 || dv < 1 ||
+      max_len < 1 || window < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (dk % 4 != 0 || dv % 4 != 0 || dk > kMaxHeadDim || dv > kMaxHeadDim) {
+    return cudaErrorNotSupported;
+  }
+  // float4 access to q/k/v heads, cache rows and tables.
+  if (!aligned(qkv, 16) || !aligned(kc, 16) || !aligned(vc, 16) || !aligned(cos_t, 16) ||
+      !aligned(sin_t, 16) || !aligned(pos, 8) || !aligned(perm, 4) || !aligned(out, 4) ||
+      !aligned(q_norm, 4) || !aligned(k_norm, 4)) {
+    return cudaErrorInvalidValue;
+  }
+  const size_t smem = sparsify_attention_smem_bytes(dk, dv, max_len);
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int limit = 0;
+  err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (smem > static_cast<size_t>(limit)) return cudaErrorNotSupported;
+  if (smem > 48 * 1024) {
+    // Past 48 KB a block must opt in; raising the limit is idempotent and not a stream op.
+    err = cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  AttnParams p;
+  p.qkv = qkv;
+  p.kc = kc;
+  p.vc = vc;
+  p.pos = reinterpret_cast<const long long *>(pos);
+  p.cos_t = cos_t;
+  p.sin_t = sin_t;
+  p.perm = perm;
+  p.q_norm = q_norm;
+  p.k_norm = k_norm;
+  p.out = out;
+  p.n_head = n_head;
+  p.n_head_kv = n_head_kv;
+  p.dk = dk;
+  p.dv = dv;
+  p.max_len = max_len;
+  p.window = window;
+  p.scale = scale;
+  p.eps = eps;
+  return launch(attention_kernel, n_head, kAttnThreads, smem, stream, p);
+}
+
+}  // extern "C"

@@ -1,0 +1,76 @@
+/*
+ * decode_ops.h - the non-GEMV work of one batch-1 decoder step on CUDA, as few launches.
+ *
+ * Between two sparse GEMVs a decoder block does small vector work (a residual add, an RMS norm,
+ * RoPE, the KV-cache write, attention over the cache). Written as framework operations this is
+ * a dozen tiny kernels per block, each paying a launch and a dependency wait that at batch 1
+ * cost as much as a small GEMV. These two kernels do it in two launches per half-block. All
+ * tensors are float32, contiguous, on the device; every function launches asynchronously on
+ * `stream`, never synchronises or allocates, and may be captured in a CUDA graph. Results are
+ * deterministic (fixed reduction order). Like the GEMV, on compute capability 9.0+ they use
+ * programmatic dependent launch: each waits for the preceding kernel to complete before it
+ * touches global memory.
+ *
+ * sparsify_add_rms_norm: residual add, then RMS norm (llama.cpp's ggml_rms_norm times weight):
+ *
+ *     r' = r                                      (post_w == NULL)
+ *     r' = r * rsqrt(mean(r^2) + eps) * post_w    (post_w != NULL: gemma's post-norms)
+ *     h  = h + r'                                 (skipped when r == NULL)
+ *     x  = h * rsqrt(mean(h^2) + eps) * w
+ *
+ *   h (d,) is updated in place; r, post_w, w, x are (d,). x must not alias h, r or w.
+ *
+ * sparsify_attention_decode: one query position against the cache, for every head at once.
+ *
+ *   qkv   (n_head*dk + n_head_kv*dk + n_head_kv*dv,): q heads, then k heads, then v heads,
+ *         as the q/k/v projections write them.
+ *   kc    (n_head_kv, max_len, dk), vc (n_head_kv, max_len, dv): the cache. Position pos is
+ *         written (k after norm and RoPE, v as is); positions other than pos are read only
+ *         where visible (pos - window < t < pos; every t < pos when window == 0).
+ *   pos   DEVICE pointer to one int64, read when the kernel runs (0 <= pos < max_len; outside
+ *         that range nothing is written to the cache and out is set to NaN).
+ *   cos_t, sin_t  (max_len, dk) tables and perm (dk,) int32: RoPE as
+ *         x'[d] = x[d] * cos_t[pos, d] + x[perm[d]] * sin_t[pos, d]
+ *         (perm swaps the rotated pairs, sin_t carries the sign; features that do not rotate
+ *         have cos 1, sin 0 and perm[d] = d).
+ *   q_norm, k_norm  (dk,) or both NULL: per-head RMS norm of q and k before RoPE (gemma3).
+ *   out   (n_head*dv,): softmax(scale * q.k_t over visible t) . v_t for each head; query head
+ *         h reads kv head h / (n_head / n_head_kv) (grouped-query attention).
+ *
+ *   Limits: dk and dv multiples of 4, at most 512; n_head a multiple of n_head_kv; the
+ *   shared memory (4*dk + max_len + 4096 floats) within the device's per-block limit. The
+ *   kernel works out the new key itself in each block of its group and never reads position
+ *   pos back from the cache, so no block depends on another within the launch.
+ *
+ * Return: cudaSuccess, cudaErrorInvalidValue for a bad argument, cudaErrorNotSupported for
+ * sizes past the limits above, or the launch error.
+ */
+#ifndef SPARSIFY_DECODE_OPS_H
+#define SPARSIFY_DECODE_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+cudaError_t sparsify_add_rms_norm(float *h, const float *r, const float *post_w, const float *w,
+                                  float *x, int d, float eps, cudaStream_t stream);
+
+cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, const int64_t *pos,
+                                      const float *cos_t, const float *sin_t, const int32_t *perm,
+                                      const float *q_norm, const float *k_norm, float *out,
+                                      int n_head, int n_head_kv, int dk, int dv, int max_len,
+                                      int window, float scale, float eps, cudaStream_t stream);
+
+/* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes. */
+size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPARSIFY_DECODE_OPS_H */
