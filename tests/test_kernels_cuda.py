@@ -433,7 +433,7 @@ def test_add_rms_norm_matches_reference(gen, d, mode):
     assert bool(((out.double().cpu() - x_ref).abs() <= tol_x).all())
 
 
-# ---- decode attention -----------------------------------------------------------------------------
+# ---- decode attention ---------------------------------------------------------------------------
 
 def rope_tables(gen, L: int, dk: int, neox: bool):
     """cos/sin tables (L, dk) and partner index (dk,) int32 in the engine's layout, at random

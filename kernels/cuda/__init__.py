@@ -1,4 +1,4 @@
-"""CUDA kernels for batch-1 decode: build the ``.cu`` sources, load them with ctypes, call from torch.
+"""CUDA kernels for batch-1 decode: build the ``.cu`` sources, load with ctypes, call from torch.
 
 ``sparse_gemv`` computes ``y = W^T (x * keep)`` with ``keep = NOT(score(x) <= t)``, ``score = |x|``
 or ``|x| * factor``, for input-major weights ``W`` of shape (K, N) (row i multiplies ``x[i]``), in
@@ -90,7 +90,7 @@ def compile_command(nvcc: str, arch: tuple[int, int], output: Path, shared: bool
 
 
 def cache_root() -> Path:
-    """Directory holding the built libraries ($XDG_CACHE_HOME or ~/.cache, then sparsify/kernels)."""
+    """Directory of the built libraries ($XDG_CACHE_HOME or ~/.cache, then sparsify/kernels)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "sparsify" / "kernels"
 
