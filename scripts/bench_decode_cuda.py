@@ -193,7 +193,9 @@ def markdown(records: list[dict]) -> str:
              "(device-to-device copy bandwidth measured in the same run / weight bytes read "
              "per token); `ideal` is dense bytes / bytes read at that level (the output head "
              "stays dense); `glue` is the time of one step with every GEMV left out "
-             "(`CUDAEngine.glue_ms`; records before it was measured show –)."), ""]
+             "(`CUDAEngine.glue_ms`; records before it was measured show –); `step` is the "
+             "fused decode step or the torch glue between the GEMVs (records before the fused "
+             "step existed show torch glue)."), ""]
     seen = set()
     for r in records:
         v = r["versions"]
@@ -204,17 +206,18 @@ def markdown(records: list[dict]) -> str:
                          f"{r.get('compute_capability')}), driver {v.get('driver')}, "
                          f"CUDA {v.get('cuda')}, torch {v.get('torch')}, sparsify "
                          f"{v.get('sparsify')}")
-    lines += ["", ("| device | model | format | sparsity | tok/s (median ± IQR) | speedup | "
-              "ideal | MB/token | GB/s | % bound | copy GB/s | glue ms/step |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("| device | model | step | format | sparsity | tok/s (median ± IQR) | "
+              "speedup | ideal | MB/token | GB/s | % bound | copy GB/s | glue ms/step |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         model = r["model"] + (" (synthetic)" if r.get("synthetic") else "")
         glue = r.get("glue_ms_per_step")
         glue = f"{glue:.2f}" if glue is not None else "–"
+        step = "fused" if r.get("fused") else "torch glue"
         for lv in r["levels"]:
             sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
             lines.append(
-                f"| {r['device']} | {model} | {r['format']} | {lv['sparsity']:.2f} | "
+                f"| {r['device']} | {model} | {step} | {r['format']} | {lv['sparsity']:.2f} | "
                 f"{lv['tok_s']['median']:.1f} ± {lv['tok_s']['iqr']:.1f} | {sp} | "
                 f"{lv['ideal_speedup']:.2f}x | {lv['bytes_per_token'] / 1e6:.1f} | "
                 f"{lv['gb_s']:.0f} | {lv['pct_of_bound']:.0f}% | "
