@@ -296,11 +296,12 @@ class CPUEngine:
             add_into(self.h, self.o2[0])
         rms_norm_into(self.h.reshape(1, -1), self.norms["output_norm"], c.norm_eps, x1)
         hd = self.head
+        # The head (K = d_model, N = vocabulary) runs output-tiled: split-K would stream two
+        # vocabulary-wide partial sums through the cache once per eight rows.
         if self.fmt == "fp32":
-            K.dense_fp32_parallel(hd.wt, x1[0], self.logits, self._partial(hd.n))
+            K.dense_fp32_tiled(hd.wt, x1[0], self.logits)
         else:
-            K.dense_int8_parallel(hd.q, hd.scales, self.group, x1[0], self.logits,
-                                  self._partial(hd.n))
+            K.dense_int8_tiled(hd.q, hd.scales, self.group, x1[0], self.logits)
         self.bytes_read += hd.nbytes
         if c.final_logit_softcap:
             cap = c.final_logit_softcap

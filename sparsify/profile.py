@@ -280,7 +280,9 @@ def profile_thresholds(model: Model, seqs: np.ndarray, criterion: str,
                 for s in range(0, n_seq, per_batch):
                     e = min(s + per_batch, n_seq)
                     h[s:e] = model.block(i, h[s:e], pos)
-                    bar.update((e - s) * T / n_layer)
+                    # From the exact running count: summing float fractions overshot the
+                    # total by rounding (tqdm warned and clamped).
+                    bar.update((i * n_seq + e) * T / n_layer - bar.n)
                 out.update(rec.thresholds(levels))
                 model.w.release_block(i)
                 if gguf is not None:

@@ -81,6 +81,25 @@ def test_fp32_dense_twin_matches_reference(rng, k, n):
         assert np.all(np.abs(out - want) <= _bound(wt, x, keep))
 
 
+@pytest.mark.parametrize(("k", "n"), [(7, 100), (33, 2 * cpu.TILE + 37), (130, cpu.TILE)])
+def test_tiled_dense_twins_match_reference(rng, k, n):
+    """The output-tiled dense twins (the output head's kernels): every column written once, on
+    one tile, a short last tile, and N below one tile; int8 with a group that divides the tile
+    and one (48) that does not, so tiles are cut to whole groups."""
+    wt, x = _data(rng, k, n)
+    keep = np.ones(k, dtype=bool)
+    out = np.full(n, np.nan, dtype=np.float32)
+    cpu.dense_fp32_tiled(wt, x, out)
+    assert np.all(np.abs(out - ref.dense_gemv_fp32_ref(wt, x)) <= _bound(wt, x, keep))
+    for group in (64, 48):
+        q, s = quantize_int8(wt, group)
+        deq = dequantize_int8(q, s, group)
+        out = np.full(n, np.nan, dtype=np.float32)
+        cpu.dense_int8_tiled(q, s, group, x, out)
+        want = ref.dense_gemv_int8_ref(q, s, group, x)
+        assert np.all(np.abs(out - want) <= _bound(deq, x, keep)), f"group {group}"
+
+
 @pytest.mark.parametrize("n_chunks", [1, 3, 7, 64])
 def test_parallel_chunk_edges(rng, n_chunks):
     # 100 kept rows split 1..64 ways: shares of 100, 33/34, 14/15 and 1/2 rows, so chunks end
