@@ -50,6 +50,7 @@ from .quant import DEFAULT_GROUP, check_int8_layout
 __all__ = [
     "dense_fp32_parallel",
     "dense_fp32_serial",
+    "dense_fp32_tiled",
     "dense_gemv_fp32",
     "dense_gemv_fp32_into",
     "dense_gemv_int8",
@@ -57,7 +58,6 @@ __all__ = [
     "dense_int8_parallel",
     "dense_int8_serial",
     "dense_int8_tiled",
-    "dense_fp32_tiled",
     "select_rows",
     "sparse_fp32_parallel",
     "sparse_fp32_serial",

@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -343,24 +342,12 @@ def machine_record() -> dict:
 
 
 def write_json(path: str | Path, data: dict, force: bool) -> None:
-    """Write ``data`` as JSON to ``path`` atomically; an existing file needs ``force``."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise SparsifyError("exists; pass --force to overwrite it", path)
-    if path.is_dir():
-        raise SparsifyError("is a directory", path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise SparsifyError("no such directory", parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON to ``path`` atomically (:func:`sparsify.table.write_atomic`: a
+    temp file in the same directory, then a rename); an existing file needs ``force``."""
+    from .table import write_atomic
+
+    text = json.dumps(data, indent=1, sort_keys=False) + "\n"
+    write_atomic(path, text.encode("utf-8"), force=force)
 
 
 def format_table(result: EvalResult, method: str) -> str:

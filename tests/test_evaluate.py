@@ -152,7 +152,7 @@ def test_write_json_is_atomic_and_refuses_overwrite(tmp_path):
     write_json(out, {"a": 2}, force=True)
     assert out.read_text().strip().replace(" ", "").replace("\n", "") == '{"a":2}'
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
-    with pytest.raises(SparsifyError, match="no such directory"):
+    with pytest.raises(SparsifyError, match="does not exist"):
         write_json(tmp_path / "missing" / "r.json", {}, force=False)
 
 
