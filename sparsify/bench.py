@@ -232,14 +232,13 @@ def _print_table(rec: dict) -> None:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write ``obj`` as sorted JSON to ``path`` (its directory made if missing) through
+    :func:`sparsify.table.write_atomic`; an existing file is replaced (callers check
+    ``--force`` before measuring)."""
+    from .table import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), force=True)
 
 
 __all__ = ["bench_cpu", "run_bench", "summarize"]

@@ -208,12 +208,15 @@ class CPUEngine:
                    for _ in range(c.n_layer)]
         self._partials: dict[int, np.ndarray] = {}
         self._partial_threads = 0
-        self._plan: list[tuple] | None = None
         self.rope_tables = {}
         for base in {c.rope_base, c.rope_base_swa}:
             inv = base ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
             ang = np.arange(self.max_len, dtype=np.float64)[:, None] * inv[None, :]
             self.rope_tables[base] = (np.cos(ang).astype(f), np.sin(ang).astype(f))
+        self._plan = self._layer_plan()
+        # Views made once: each reshape is a new array object for numba to unbox.
+        self._views = (self.h.reshape(1, -1), self.x[0], self.q.reshape(-1), self.k.reshape(-1),
+                       self.v.reshape(-1), self.att.reshape(-1), self.o[0], self.o2[0])
         self.reset()
 
     def set_thresholds(self, thresholds: dict[str, float] | None,
@@ -283,12 +286,6 @@ class CPUEngine:
         pos = self.pos
         if pos >= self.max_len:
             raise ValueError(f"the engine's KV cache holds {self.max_len} positions")
-        if self._plan is None:
-            self._plan = self._layer_plan()
-            # Views made once: each reshape is a new array object for numba to unbox.
-            self._views = (self.h.reshape(1, -1), self.x[0], self.q.reshape(-1),
-                           self.k.reshape(-1), self.v.reshape(-1), self.att.reshape(-1),
-                           self.o[0], self.o2[0])
         h2, xin, qf, kf, vf, attf, o0, o20 = self._views
         nc = numba.get_num_threads()
         if nc != self._partial_threads:
@@ -326,14 +323,14 @@ class CPUEngine:
             if c.post_norms:
                 rms_norm_into(self.o2, n_post_ffw, eps, self.o2)
             add_into(self.h, o20)
-        rms_norm_into(self.h.reshape(1, -1), self.norms["output_norm"], c.norm_eps, x1)
+        rms_norm_into(h2, self.norms["output_norm"], eps, x1)
         hd = self.head
         # The head (K = d_model, N = vocabulary) runs output-tiled: split-K would stream two
         # vocabulary-wide partial sums through the cache once per eight rows.
         if self.fmt == "fp32":
-            K.dense_fp32_tiled(hd.wt, x1[0], self.logits)
+            K.dense_fp32_tiled(hd.wt, xin, self.logits)
         else:
-            K.dense_int8_tiled(hd.q, hd.scales, self.group, x1[0], self.logits)
+            K.dense_int8_tiled(hd.q, hd.scales, self.group, xin, self.logits)
         self.bytes_read += hd.nbytes
         if c.final_logit_softcap:
             cap = c.final_logit_softcap
