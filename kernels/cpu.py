@@ -142,6 +142,19 @@ def _ahead(rows, r, last):
     return _row(rows, min(r, last))
 
 
+@njit(cache=True, inline="always")
+def _hint8(r0, r1, r2, r3, r4, r5, r6, r7, j):
+    # The line holding element j of each of the next pass's eight rows.
+    _prefetch(r0, j)
+    _prefetch(r1, j)
+    _prefetch(r2, j)
+    _prefetch(r3, j)
+    _prefetch(r4, j)
+    _prefetch(r5, j)
+    _prefetch(r6, j)
+    _prefetch(r7, j)
+
+
 # Output columns per prefetch step in the fp32 loop: 64 floats, four cache lines of each row.
 _FP32_BLOCK = 64
 
@@ -178,14 +191,7 @@ def _fp32_rows(wt, x, rows, r0, r1, out, c0, c1):
         for c in range(n_blk):
             j0 = c0 + c * _FP32_BLOCK
             for h in range(0, _FP32_BLOCK, 16):
-                _prefetch(n0, j0 + h)
-                _prefetch(n1, j0 + h)
-                _prefetch(n2, j0 + h)
-                _prefetch(n3, j0 + h)
-                _prefetch(n4, j0 + h)
-                _prefetch(n5, j0 + h)
-                _prefetch(n6, j0 + h)
-                _prefetch(n7, j0 + h)
+                _hint8(n0, n1, n2, n3, n4, n5, n6, n7, j0 + h)
             # Slices make every inner index start at 0 (see _int8_rows).
             o = out[j0 : j0 + _FP32_BLOCK]
             p0, p1, p2, p3 = w0[j0:], w1[j0:], w2[j0:], w3[j0:]
@@ -244,23 +250,10 @@ def _int8_rows(q, scales, group, x, rows, r0, r1, out, c0, c1):
         s4, s5, s6, s7 = scales[i4], scales[i5], scales[i6], scales[i7]
         for g in range(g0, n_full):
             j0 = g * group
-            _prefetch(n0, j0)
-            _prefetch(n1, j0)
-            _prefetch(n2, j0)
-            _prefetch(n3, j0)
-            _prefetch(n4, j0)
-            _prefetch(n5, j0)
-            _prefetch(n6, j0)
-            _prefetch(n7, j0)
+            _hint8(n0, n1, n2, n3, n4, n5, n6, n7, j0)
             if (g - g0) % 16 == 0:
-                _prefetch(scales[f0], g)
-                _prefetch(scales[f1], g)
-                _prefetch(scales[f2], g)
-                _prefetch(scales[f3], g)
-                _prefetch(scales[f4], g)
-                _prefetch(scales[f5], g)
-                _prefetch(scales[f6], g)
-                _prefetch(scales[f7], g)
+                _hint8(scales[f0], scales[f1], scales[f2], scales[f3], scales[f4], scales[f5],
+                       scales[f6], scales[f7], g)
             # x[i] * scale once per group; the inner loop is then a plain int8 -> fp32 FMA stream.
             b0, b1, b2, b3 = a0 * s0[g], a1 * s1[g], a2 * s2[g], a3 * s3[g]
             b4, b5, b6, b7 = a4 * s4[g], a5 * s5[g], a6 * s6[g], a7 * s7[g]
