@@ -1,0 +1,179 @@
+"""GPU sparse decode against the torch forward on the bundled models: greedy tokens, one JSON.
+
+For each model, weight format and level (0 = dense, else the committed magnitude table at that
+level), the torch model (float32, CPU, masked by the same thresholds) and the CUDA engine both
+continue the prompt greedily for ``--tokens`` tokens. Two torch references: the model over the file's weights
+("float32"), and the model over the engine's own rounded (fp16/bf16/int8) weights ("rounded"),
+which leaves only summation order and entries within rounding of a threshold. The record holds
+the sequences, the length of the common prefix and, where they part, torch's own top-2 margin
+at that step, and the teacher-forced agreement (the engine fed torch's sequence).
+
+Usage: python scripts/consistency_cuda.py OUT.json [--tokens 64] [--formats fp16 bf16 int8]
+       python scripts/consistency_cuda.py --table RECORD.json OUT.md   (the markdown summary)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("The history of the bicycle", "def fibonacci(n):",
+           "The capital of France is")
+
+
+def torch_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens of the torch model fed one token at a time, and the logits at each pick."""
+    from sparsify.model import KVCache
+
+    cache = KVCache.empty(model.cfg, len(ids) + n, device=model.device)
+    seq, out, logits = list(ids), [], []
+    with torch.inference_mode():
+        for pos in range(len(ids) + n - 1):
+            z = model.forward(torch.tensor([[seq[pos]]], device=model.device), pos, cache)[0, -1]
+            if pos >= len(ids) - 1:
+                out.append(int(z.argmax()))
+                logits.append(z.cpu().numpy())
+                seq.append(out[-1])
+    return out, np.stack(logits)
+
+
+def rounded_model(engine, loaded, dev):
+    """The torch model over the engine's own (fp16/bf16/int8-rounded) projection and head
+    weights, back in float32; a tied head keeps the float32 embedding."""
+    from sparsify.engine_cuda import INT8_GROUP
+    from sparsify.model import Model, Weights
+
+    w = Weights(loaded.gguf, device=str(dev))
+    for p in [*engine.projs.values(), engine.head]:
+        if p.name == "token_embd":
+            continue
+        wt = p.w.float()
+        if p.scales is not None:
+            wt = wt * p.scales.repeat_interleave(INT8_GROUP, dim=1)[:, :p.n]
+        w._cache[p.name] = wt.t().contiguous().to(dev)
+    return Model(loaded.cfg, w)
+
+
+def write_table(record_path: str, out: str) -> None:
+    """Markdown summary of a record: per model, format and level, the common prefix per prompt."""
+    rec = json.loads(Path(record_path).read_text())
+    lines = [f"# GPU decode against the torch forward ({rec['device']}, driver "
+             f"{rec.get('driver', '?')}, torch {rec['torch']})", "",
+             f"Greedy continuations of {rec['rows'][0]['tokens']} tokens from 3 prompts, made by "
+             "`scripts/consistency_cuda.py`; the record is `consistency_cuda_"
+             f"{re.sub(r'[^A-Za-z0-9]+', '-', rec['device']).strip('-')}.json`. Each cell: "
+             "tokens equal before the first difference, per prompt, and in brackets torch's "
+             "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
+             "weights; 'rounded': torch over the engine's rounded weights. Teacher-forced: "
+             "steps where the engine, fed torch's (float32) sequence, picks torch's token.", "",
+             "| model | format | level | vs float32 | vs rounded | teacher-forced |",
+             "|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rec["rows"]:
+        groups.setdefault((r["model"], r["format"], r["level"]), []).append(r)
+
+    def cell(rows, key):
+        out = []
+        for r in rows:
+            x = r[key]
+            m = x["margin_at_split"]
+            out.append(f"{x['equal_prefix']}" + ("" if m is None else f" ({m:.2f})"))
+        return ", ".join(out)
+
+    for (model, fmt, level), rows in groups.items():
+        tf = sum(r["float32"]["teacher_forced_agree"] for r in rows)
+        n = sum(r["tokens"] for r in rows)
+        lines.append(f"| {model} | {fmt} | {level:g} | {cell(rows, 'float32')} | "
+                     f"{cell(rows, 'rounded')} | {tf}/{n} |")
+    Path(out).write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--table":
+        write_table(sys.argv[2], sys.argv[3])
+        return 0
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--formats", nargs="+", default=["fp16", "bf16"])
+    ap.add_argument("--levels", nargs="+", type=float, default=[0.0, 0.5])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--device", default="cuda", help="cpu runs the engine's stand-in (a check)")
+    args = ap.parse_args()
+
+    from sparsify.bundled import fetch
+    from sparsify.engine_cuda import CUDAEngine, device_info
+    from sparsify.loader import load
+    from sparsify.model import dense_projector
+    from sparsify.sparse import MaskingProjector
+    from sparsify.table import ThresholdTable
+
+    torch.set_num_threads(8)
+    dev = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    rows = []
+    for name in args.models:
+        loaded = load(fetch(name))
+        model = loaded.model(device=str(dev))
+        table = ThresholdTable.load(ROOT / "thresholds" / f"{name}.magnitude.json")
+        table.check(loaded)
+        prompt_ids = {p: loaded.tokenizer.encode(p) for p in PROMPTS}
+        for fmt in args.formats:
+            eng = CUDAEngine(loaded, fmt=fmt, max_len=64 + args.tokens, device=dev)
+            rounded = rounded_model(eng, loaded, dev)
+            for level in args.levels:
+                thr = None if level == 0 else table.thresholds_at(level)
+                eng.set_thresholds(thr)
+                for m in (model, rounded):
+                    m.projector = MaskingProjector(thr) if thr else dense_projector
+                for prompt, ids in prompt_ids.items():
+                    with torch.inference_mode():
+                        got = eng.generate(ids, args.tokens)
+                        eng.reset()
+                    row = {"model": name, "format": fmt, "level": level, "prompt": prompt,
+                           "tokens": args.tokens, "engine_tokens": got,
+                           "engine_text": loaded.tokenizer.decode(got)}
+                    for label, m in (("float32", model), ("rounded", rounded)):
+                        want, ref = torch_greedy(m, ids, args.tokens)
+                        with torch.inference_mode():
+                            eng.reset()
+                            picks = [int(eng.step(t).argmax())
+                                     for t in ids + want[:-1]][len(ids) - 1:]
+                        top2 = np.sort(ref, axis=-1)[:, -2:]
+                        margin = top2[:, 1] - top2[:, 0]
+                        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                                     None)
+                        row[label] = {
+                            "equal_prefix": args.tokens if first is None else first,
+                            "margin_at_split": None if first is None else float(margin[first]),
+                            "teacher_forced_agree": sum(a == b for a, b in zip(picks, want)),
+                            "tokens": want}
+                    rows.append(row)
+                    f, r = row["float32"], row["rounded"]
+                    print(f"{name} {fmt} level {level:g} {prompt!r}: equal prefix vs float32 "
+                          f"{f['equal_prefix']}/{args.tokens} (margin at split "
+                          f"{f['margin_at_split']}), vs rounded {r['equal_prefix']}/{args.tokens}"
+                          f" (margin {r['margin_at_split']}); teacher-forced "
+                          f"{f['teacher_forced_agree']}/{r['teacher_forced_agree']}", flush=True)
+            del eng, rounded
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    info = device_info(dev) if dev.type == "cuda" else {"device": "cpu (engine stand-in)"}
+    record = {"kind": "consistency", **info, "torch": torch.__version__,
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "reference": "torch forward (float32, stepwise, same thresholds, on the same device) over "
+                 "the file's weights ('float32') and over the engine's rounded weights "
+                 "('rounded')", "rows": rows}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
