@@ -96,7 +96,9 @@ def fused_failures(junit: Path) -> list[str]:
 
 
 def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int,
-        kernels: bool, table_path: Path | None, small: bool) -> None:
+        kernels: bool, table_path: Path | None, small: bool,
+        formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variant: int = 0,
+        ab_formats: tuple[str, ...] = ()) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -171,11 +173,27 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
             shutil.copy(table, out / table.name)
     levels = [0.0, 0.4, 0.5] if rc == 0 else [0.0]
     tab = str(table) if rc == 0 else None
-    for fmt in ("fp16", "int8", "bf16"):
+    for fmt in formats:
         if left(deadline) < 55:
             log(f"skipping {fmt}: {left(deadline):.0f} s left")
             continue
         bench_one(str(big), tab, levels, fmt, out, tokens, repeats, "synthetic-llama3-8b")
+    if ab_variant:
+        # The same decode with every default GEMV launch switched to another launch variant
+        # (SPARSIFY_GEMV_VARIANT, sparse_gemv.h), in this process and on this card: an A/B of
+        # one kernel change inside the whole step. The record says which variant it ran.
+        os.environ["SPARSIFY_GEMV_VARIANT"] = str(ab_variant)
+        for fmt in ab_formats:
+            if left(deadline) < 55:
+                log(f"skipping variant {ab_variant} {fmt}: {left(deadline):.0f} s left")
+                continue
+            label = f"synthetic-llama3-8b_variant{ab_variant}"
+            path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats, label)
+            if path is not None:
+                rec = json.loads(path.read_text())
+                rec["gemv_variant"] = ab_variant
+                path.write_text(json.dumps(rec, indent=1))
+        del os.environ["SPARSIFY_GEMV_VARIANT"]
     log("done")
 
 
@@ -211,6 +229,8 @@ def markdown(records: list[dict]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         model = r["model"] + (" (synthetic)" if r.get("synthetic") else "")
+        if r.get("gemv_variant"):
+            model += f" [GEMV variant {r['gemv_variant']}]"
         glue = r.get("glue_ms_per_step")
         glue = f"{glue:.2f}" if glue is not None else "–"
         step = "fused" if r.get("fused") else "torch glue"
@@ -238,13 +258,19 @@ def main() -> None:
     r.add_argument("--table", type=Path, default=None,
                    help="threshold table profiled earlier on the same synthetic file")
     r.add_argument("--no-small", action="store_true", help="skip the small smoke-test model")
+    r.add_argument("--formats", default="fp16,int8,bf16",
+                   help="comma-separated weight formats to benchmark, in order")
+    r.add_argument("--ab-variant", type=int, default=0,
+                   help="then benchmark --ab-formats again with this GEMV launch variant")
+    r.add_argument("--ab-formats", default="fp16")
     t = sub.add_parser("table", help="markdown table from JSON records")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "run":
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
-            not a.no_small)
+            not a.no_small, tuple(f for f in a.formats.split(",") if f), a.ab_variant,
+            tuple(f for f in a.ab_formats.split(",") if f))
     else:
         recs = [json.loads(p.read_text()) for p in sorted(a.records)]
         a.output.write_text(markdown(recs))

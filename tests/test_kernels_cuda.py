@@ -222,18 +222,37 @@ def test_nan_policy(gen, dtype):
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
     if variant == 3 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("cluster reduction needs compute capability 9.0")
     k, n = 4096, 1024
     w, scales = make_weights(gen, k, n, dtype)
+    # Dense, mid (the pipelined loop's partial batches), and empty active lists.
+    for sparsity in (0.0, 0.7, 1.0):
+        x = torch.randn(k, generator=gen)
+        t = threshold_for(x.abs(), sparsity)
+        ref, bound = reference(w, x, t, scales=scales), abs_bound(w, x, t, scales=scales)
+        for bps in (0, 1):
+            check(run(w, x, t, scales=scales, variant=variant, blocks_per_sm=bps), ref, bound)
+
+
+@on_gpu
+def test_variant_environment_override(gen, monkeypatch):
+    # SPARSIFY_GEMV_VARIANT switches the default launches (plain and grouped) to another launch
+    # variant for benchmarks; the result stays the same function, and a bad value is an error.
+    k, n = 1537, 576
+    w, _ = make_weights(gen, k, n, torch.float16)
     x = torch.randn(k, generator=gen)
-    t = threshold_for(x.abs(), 0.7)
-    ref, bound = reference(w, x, t, scales=scales), abs_bound(w, x, t, scales=scales)
-    for bps in (0, 1):
-        check(run(w, x, t, scales=scales, variant=variant, blocks_per_sm=bps), ref, bound)
+    t = threshold_for(x.abs(), 0.5)
+    ref, bound = reference(w, x, t), abs_bound(w, x, t)
+    for v in ("10", "13"):
+        monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", v)
+        check(run(w, x, t), ref, bound)
+    monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", "99")
+    with pytest.raises(RuntimeError):
+        run(w, x, t)
 
 
 @on_gpu
@@ -248,7 +267,7 @@ def test_deterministic(gen):
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 3])
+@pytest.mark.parametrize("variant", [0, 3, 10, 13])
 def test_back_to_back_launches_respect_dependencies(gen, variant):
     # Each step reads the previous step's output and overwrites the buffer the previous step
     # read (read-after-write and write-after-read across kernels). Launched back to back with no

@@ -6,9 +6,13 @@
 // few are active and lets narrow outputs (N = 1024) still fill every multiprocessor.
 //
 // Inside a block:
-//   1. Compaction: the block reads its chunk of x, evaluates keep[i] and compacts the active row
-//      indices (and their x) into shared memory with one warp ballot per 32 rows. Rows that are
-//      not kept never generate a weight load, and the inner loop has no data-dependent branch.
+//   0. Before waiting for the previous kernel (programmatic dependent launch), the block asks L2
+//      to prefetch the first rows of its chunk: x is not known yet, but the memory system would
+//      otherwise sit idle through the previous kernel's tail and this block's compaction.
+//   1. Compaction: the block reads its chunk of x (all of it at once), evaluates keep[i] and
+//      compacts the active row indices (and their x) into shared memory with one warp ballot per
+//      32 rows. Rows that are not kept never generate a weight load into registers, and the inner
+//      loop has no data-dependent branch.
 //   2. Streaming: warp w takes active rows w, w + 8, ...; each lane holds UNROLL independent
 //      16-byte loads in flight before it uses any, and accumulates VEC columns in fp32.
 //   3. Reduction: warps add their columns in shared memory in a fixed order; then the splits of a
@@ -24,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
 
 namespace cg = cooperative_groups;
 
@@ -36,6 +41,11 @@ constexpr int kListRows = 2048;
 // Fewer rows per block than this costs more in per-block overhead than it gains in parallelism.
 constexpr int kMinRowsPerBlock = 32;
 constexpr int kMaxSplits = 64;
+// L2 prefetch before the dependency wait (see gemv_kernel), in bytes per multiprocessor, split
+// among its resident blocks: 4.3 MB over 132 SMs, about a microsecond of DRAM time, which the
+// previous kernel's tail and the compaction leave idle. Run H3 (32 rows per block: 8.6 MB for
+// fp16, 4.3 MB for int8) gained at every sparsity for int8 but lost ~0.5 us at 90% for fp16.
+constexpr int kPrefetchBytesPerSM = 32 * 1024;
 // Portable cluster size limit.
 constexpr int kMaxClusterSplits = 8;
 constexpr int kGroup = SPARSIFY_GEMV_INT8_GROUP;
@@ -104,6 +114,32 @@ __device__ __forceinline__ float load_f32(const float *p, bool valid) {
   if (valid) r = __ldg(p);
 #endif
   return r;
+}
+
+// Hint to bring the 128-byte line holding p into L2; no register result, no wait, and no effect
+// on the values any later load returns (L2 is the device's point of coherence).
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+// atomicInc with acquire-release semantics at device scope: one thread publishes its block's
+// earlier writes (ordered before it by a barrier) and, as the last arrival, observes every other
+// block's, without a full sequentially consistent fence in every thread.
+__device__ __forceinline__ unsigned atomic_inc_acq_rel(unsigned *p, unsigned wrap) {
+  unsigned old;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(wrap)
+               : "memory");
+#else
+  __threadfence();
+  old = atomicInc(p, wrap);
+  __threadfence();
+#endif
+  return old;
 }
 
 // Four int8 in one word to float: put the offset-binary byte under the exponent of 2^23 and
@@ -193,6 +229,7 @@ struct Params {
   float *partial;      // (splits, ld) float32, ticket reduction only
   unsigned *counters;  // (tiles,) arrival counters, ticket reduction only
   int ld;              // row stride of `partial` = tiles * TN
+  int prefetch_rows;   // rows at the start of each block's chunk hinted into L2 before the wait
 };
 
 // The activations of sparsify.model, in float32 as torch computes them (F.silu: x / (1 + e^-x);
@@ -204,8 +241,53 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
   return 0.5f * g * (1.0f + tanhf(inner)) * u;
 }
 
-template <int W, int VEC, int UNROLL, bool HINT, int RED>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
+// Resident blocks per multiprocessor the register budget is held to: four for the 2-byte
+// formats (64 registers, which the unroll-8 loop fits without spilling), two for int8.
+template <int W, int VEC> constexpr int kMinBlocks = (W == kI8 || VEC == 1) ? 2 : 4;
+
+// Streaming helpers: one batch of UNROLL rows of the active list per warp. issue() puts every
+// load of the batch in flight (predicated off past the end of the list); consume() decodes and
+// accumulates them, skipping the slots past the end with a warp-uniform branch.
+template <int W, int VEC, int UNROLL, bool HINT>
+__device__ __forceinline__ void issue(Frag<W, VEC> (&frag)[UNROLL], float (&xs)[UNROLL],
+                                      const int *idx, const float *xv, int j, int nact,
+                                      const char *wcol, size_t row_bytes, const float *scales,
+                                      int n_groups, int group) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const bool valid = j + u * kWarps < nact;
+    const int jj = min(j + u * kWarps, nact - 1);  // keeps the shared-memory read in range
+    const int r = idx[jj];
+    frag[u].template load<HINT>(wcol + static_cast<size_t>(r) * row_bytes, valid);
+    float s = xv[jj];
+    if (W == kI8) s *= load_f32(scales + static_cast<size_t>(r) * n_groups + group, valid);
+    xs[u] = s;
+  }
+}
+
+template <int W, int VEC, int UNROLL>
+__device__ __forceinline__ void consume(const Frag<W, VEC> (&frag)[UNROLL],
+                                        const float (&xs)[UNROLL], int j, int nact,
+                                        float (&acc)[VEC]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    if (j + u * kWarps < nact) {
+      float f[VEC];
+      frag[u].decode(f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = fmaf(f[i], xs[u], acc[i]);
+    }
+  }
+}
+
+// Template switches: UNROLL loads in flight per lane; HINT the L2 256-byte prefetch hint on
+// weight loads; RED the split-K reduction (kTicket / kCluster); LIGHT the ticket published and
+// observed by one acquire-release atomic after a barrier (else a sequentially consistent fence in
+// every thread around a relaxed atomic); PIPE two batches of UNROLL in registers, the next one's
+// loads issued before the current one is decoded, so that decoding never leaves a lane with no
+// load in flight.
+template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
   // Shared memory: the active-row list during streaming, reused for the warp partial sums.
@@ -219,16 +301,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
   __shared__ int warp_count[2][kWarps];
   __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
   __shared__ unsigned ticket;
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch (a no-op when launched without it): wait until the previous
-  // kernel in the stream has finished and its writes are visible before touching global memory
-  // (x, threshold, workspace counters, y); then let the next kernel start launching, so its
-  // launch latency hides behind this kernel's streaming and reduction tail. The next kernel's
-  // blocks only run once every block of this grid has started, so they cannot starve it.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -246,7 +318,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
     if (i < p.nseg && tile >= p.seg[i].tile0) sg = p.seg[i];
   }
   const int ltile = tile - sg.tile0;  // tile within the segment
-  const float thr = __ldg(sg.threshold);
 
   const int col = ltile * TN + lane * VEC;
   // VEC > 1 is only launched when N % VEC == 0, so a lane's columns are all in or all out.
@@ -255,28 +326,70 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
   const size_t row_bytes = static_cast<size_t>(sg.n) * kBytes;
   const int group = col / kGroup;
 
+  // Speculative L2 prefetch of the first rows of this block's chunk, before the dependency wait:
+  // the weights are not written by the kernels this one waits for, and a prefetch changes no
+  // value any load sees, so it is safe to issue while the previous kernel is still draining (its
+  // tail and this kernel's x read and compaction leave the memory system idle otherwise). Rows
+  // that the compaction then drops were fetched for nothing; the count is capped per block.
+  if (col_ok && p.prefetch_rows > 0) {
+    const int pf_end = min(k_end, k_begin + p.prefetch_rows);
+    for (int r = k_begin + warp; r < pf_end; r += kWarps) {
+      prefetch_l2(wcol + static_cast<size_t>(r) * row_bytes);
+      if (W == kI8 && (col % kGroup) == 0) {
+        prefetch_l2(sg.scales + static_cast<size_t>(r) * sg.n_groups + group);
+      }
+    }
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (a no-op when launched without it): wait until the previous
+  // kernel in the stream has finished and its writes are visible before reading or writing any
+  // global memory the kernels before may write (x, threshold, workspace counters, y); then let
+  // the next kernel start launching, so its launch latency hides behind this kernel's streaming
+  // and reduction tail. The next kernel's blocks only run once every block of this grid has
+  // started, so they cannot starve it.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+  const float thr = __ldg(sg.threshold);
+
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
 
   for (int c0 = k_begin; c0 < k_end; c0 += kListRows) {
     const int c1 = min(k_end, c0 + kListRows);
-    // 1. compaction of the active rows of [c0, c1)
+    // 1. compaction of the active rows of [c0, c1). Every input this pass needs (x, up,
+    // factor: at most kRounds per thread) is loaded before the first ballot, so the pass waits
+    // for one L2 round trip instead of one per round of kThreads rows.
+    constexpr int kRounds = kListRows / kThreads;
+    float xr[kRounds];
+    float ur[kRounds];
+    float fr[kRounds];
+#pragma unroll
+    for (int q = 0; q < kRounds; ++q) {
+      const int i = c0 + q * kThreads + tid;
+      const bool in = i < c1;
+      xr[q] = in ? __ldg(p.x + i) : 0.0f;
+      ur[q] = (in && p.x_up != nullptr) ? __ldg(p.x_up + i) : 0.0f;
+      fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
+    }
     int nact = 0;
-    int round = 0;
-    for (int base = c0; base < c1; base += kThreads, ++round) {
+#pragma unroll
+    for (int q = 0; q < kRounds; ++q) {
+      const int base = c0 + q * kThreads;
+      if (base >= c1) break;  // block-uniform
       const int i = base + tid;
-      float xi = 0.0f;
+      float xi = xr[q];
       bool keep = false;
       if (i < c1) {
-        xi = __ldg(p.x + i);
-        if (p.x_up != nullptr) xi = gated(xi, __ldg(p.x_up + i), p.act);
+        if (p.x_up != nullptr) xi = gated(xi, ur[q], p.act);
         float score = fabsf(xi);
-        if (sg.factor != nullptr) score *= __ldg(sg.factor + i);
+        if (sg.factor != nullptr) score *= fr[q];
         keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-      const int buf = round & 1;  // double buffer: one barrier per round suffices
+      const int buf = q & 1;  // double buffer: one barrier per round suffices
       if (lane == 0) warp_count[buf][warp] = __popc(ballot);
       __syncthreads();
       int offset = nact;
@@ -297,32 +410,34 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
     __syncthreads();
 
     // 2. streaming over the active rows
-    if (col_ok) {
-      for (int j = warp; j < nact; j += kWarps * UNROLL) {
-        // All UNROLL loads are issued before any is used (see load16); slots past the end of
-        // the list are predicated off, and their math is skipped by a warp-uniform branch.
-        Frag<W, VEC> frag[UNROLL];
-        float xs[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          const bool valid = j + u * kWarps < nact;
-          const int jj = min(j + u * kWarps, nact - 1);  // keeps the shared-memory read in range
-          const int r = sm.list.idx[jj];
-          frag[u].template load<HINT>(wcol + static_cast<size_t>(r) * row_bytes, valid);
-          float s = sm.list.xv[jj];
-          if (W == kI8) {
-            s *= load_f32(sg.scales + static_cast<size_t>(r) * sg.n_groups + group, valid);
-          }
-          xs[u] = s;
+    if (col_ok && nact > 0) {
+      constexpr int kStep = kWarps * UNROLL;
+      Frag<W, VEC> fa[UNROLL];
+      float xa[UNROLL];
+      if constexpr (PIPE) {
+        Frag<W, VEC> fb[UNROLL];
+        float xb[UNROLL];
+        int j = warp;
+        issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j, nact, wcol, row_bytes,
+                                    sg.scales, sg.n_groups, group);
+        while (true) {
+          issue<W, VEC, UNROLL, HINT>(fb, xb, sm.list.idx, sm.list.xv, j + kStep, nact, wcol,
+                                      row_bytes, sg.scales, sg.n_groups, group);
+          consume<W, VEC, UNROLL>(fa, xa, j, nact, acc);
+          j += kStep;
+          if (j >= nact) break;
+          issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j + kStep, nact, wcol,
+                                      row_bytes, sg.scales, sg.n_groups, group);
+          consume<W, VEC, UNROLL>(fb, xb, j, nact, acc);
+          j += kStep;
+          if (j >= nact) break;
         }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          if (j + u * kWarps < nact) {
-            float f[VEC];
-            frag[u].decode(f);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[i] = fmaf(f[i], xs[u], acc[i]);
-          }
+      } else {
+        for (int j = warp; j < nact; j += kStep) {
+          // All UNROLL loads are issued before any is used (see load16).
+          issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j, nact, wcol,
+                                      row_bytes, sg.scales, sg.n_groups, group);
+          consume<W, VEC, UNROLL>(fa, xa, j, nact, acc);
         }
       }
     }
@@ -357,16 +472,27 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Params p) {
   if (splits == 1) return;
 
   if (RED == kTicket) {
-    // 3b. splits -> y by the last block of this tile to arrive
-    __threadfence();  // this block's partials are visible device-wide before it takes a ticket
-    __syncthreads();
-    if (tid == 0) {
-      // atomicInc wraps to 0 after splits - 1: the last arrival leaves the counter reset.
-      ticket = atomicInc(p.counters + tile, static_cast<unsigned>(splits - 1));
+    // 3b. splits -> y by the last block of this tile to arrive. atomicInc wraps to 0 after
+    // splits - 1: the last arrival leaves the counter reset.
+    if constexpr (LIGHT) {
+      // The barrier orders every thread's partial stores before thread 0's release; its
+      // acquire, then the barrier, orders the other blocks' partials before the reads below.
+      __syncthreads();
+      if (tid == 0) {
+        ticket = atomic_inc_acq_rel(p.counters + tile, static_cast<unsigned>(splits - 1));
+      }
+      __syncthreads();
+      if (ticket != static_cast<unsigned>(splits - 1)) return;
+    } else {
+      __threadfence();  // this block's partials are visible device-wide before its ticket
+      __syncthreads();
+      if (tid == 0) {
+        ticket = atomicInc(p.counters + tile, static_cast<unsigned>(splits - 1));
+      }
+      __syncthreads();
+      if (ticket != static_cast<unsigned>(splits - 1)) return;
+      __threadfence();  // order the partial reads after observing every other block's ticket
     }
-    __syncthreads();
-    if (ticket != static_cast<unsigned>(splits - 1)) return;
-    __threadfence();  // order the partial reads after observing every other block's ticket
 
     // Each thread sums 4 columns over a strided subset of the splits with independent 16-byte
     // loads, so the tail costs about one L2 round trip instead of one per split.
@@ -461,12 +587,14 @@ struct Args {
   cudaStream_t stream;
   bool pdl;  // launch with programmatic dependent launch (compute capability 9.0+)
   int waves;  // grid size in waves of resident blocks (1 = every block starts at once)
+  int prefetch_q;  // L2 prefetch before the wait, in quarters of kPrefetchBytesPerSM
 };
 
-template <int W, int VEC, int UNROLL, bool HINT, int RED>
+template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false>
 cudaError_t launch(const Args &a) {
   constexpr int TN = 32 * VEC;
-  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED>;
+  constexpr int kBytes = Elem<W>::kBytes;
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE>;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -519,6 +647,9 @@ cudaError_t launch(const Args &a) {
   p.act = a.act;
   p.k = a.k;
   p.rows_per_block = rows;
+  // Rows per block so that the resident blocks of one SM prefetch the budget together.
+  p.prefetch_rows = static_cast<int>(static_cast<long long>(kPrefetchBytesPerSM) * a.prefetch_q /
+                                     (4LL * per_sm * TN * kBytes));
   p.ld = tiles * TN;
   p.counters = static_cast<unsigned *>(a.workspace);
   p.partial = reinterpret_cast<float *>(static_cast<char *>(a.workspace) + kCounterBytes);
@@ -606,6 +737,7 @@ cudaError_t dispatch(const Args &a, int variant) {
   if (err != cudaSuccess) return err;
   b.pdl = major >= 9 && variant != 2;
   b.waves = 1;
+  b.prefetch_q = 4;
 
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
   // Eight loads in flight per lane everywhere: four or two measured no better across runs (the
@@ -621,11 +753,32 @@ cudaError_t dispatch(const Args &a, int variant) {
     case 7:
       b.waves = variant == 6 ? 2 : 4;
       return launch<W, VEC, 8, true, kTicket>(b);
+    case 8:
+      b.prefetch_q = 0;
+      return launch<W, VEC, 8, true, kTicket>(b);
+    case 9: return launch<W, VEC, 8, true, kTicket, false>(b);
+    case 10:
+      b.prefetch_q = 0;
+      return launch<W, VEC, 8, true, kTicket, false>(b);
+    case 11:
+    case 12:
+      b.prefetch_q = variant == 11 ? 2 : 8;
+      return launch<W, VEC, 8, true, kTicket>(b);
+    case 13: return launch<W, VEC, 4, true, kTicket, true, true>(b);
     default: return cudaErrorInvalidValue;
   }
 }
 
+// SPARSIFY_GEMV_VARIANT=N (benchmarks only) makes every default launch (variant 0, including
+// the plain and grouped entry points) run variant N instead, so a whole decode step can be timed
+// with another launch configuration without changing the engine.
+int default_variant() {
+  const char *v = getenv("SPARSIFY_GEMV_VARIANT");
+  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
+}
+
 cudaError_t dispatch_any(int wtype, const Args &a, int variant) {
+  if (variant == 0) variant = default_variant();
   switch (wtype) {
     case SPARSIFY_GEMV_F16: return dispatch<kF16>(a, variant);
     case SPARSIFY_GEMV_BF16: return dispatch<kBF16>(a, variant);
