@@ -33,8 +33,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 # (variant, blocks_per_sm) pairs; see sparse_gemv.h. (0, 0) is what the public launchers run.
 VARIANTS = [(0, 0), (1, 0), (2, 0), (3, 0), (8, 0), (9, 0), (10, 0), (11, 0), (12, 0), (13, 0)]
 VARIANT_NAMES = {0: "default", 1: "unroll4", 2: "nopdl", 3: "cluster", 6: "waves2",
-                 7: "waves4", 8: "nopf", 9: "scfence", 10: "prev", 11: "pf16", 12: "pf64",
-                 13: "pipe"}
+                 7: "waves4", 8: "unroll8", 9: "scfence", 10: "prev", 11: "pf32k",
+                 12: "pf64k", 13: "unroll8pf"}
 TABLE_LEVELS = (0.0, 0.4, 0.5, 0.9)
 
 

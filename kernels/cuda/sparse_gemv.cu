@@ -6,15 +6,16 @@
 // few are active and lets narrow outputs (N = 1024) still fill every multiprocessor.
 //
 // Inside a block:
-//   0. Before waiting for the previous kernel (programmatic dependent launch), the block asks L2
-//      to prefetch the first rows of its chunk: x is not known yet, but the memory system would
-//      otherwise sit idle through the previous kernel's tail and this block's compaction.
+//   0. (Variants 11-13 only.) Before waiting for the previous kernel (programmatic dependent
+//      launch), the block asks L2 to prefetch the first rows of its chunk, before x is known.
 //   1. Compaction: the block reads its chunk of x (all of it at once), evaluates keep[i] and
 //      compacts the active row indices (and their x) into shared memory with one warp ballot per
 //      32 rows. Rows that are not kept never generate a weight load into registers, and the inner
 //      loop has no data-dependent branch.
-//   2. Streaming: warp w takes active rows w, w + 8, ...; each lane holds UNROLL independent
-//      16-byte loads in flight before it uses any, and accumulates VEC columns in fp32.
+//   2. Streaming: warp w takes active rows w, w + 8, ...; each lane keeps two batches of four
+//      independent 16-byte loads in registers and issues the next batch before it decodes the
+//      current one, so four to eight loads are always in flight; it accumulates VEC columns in
+//      fp32.
 //   3. Reduction: warps add their columns in shared memory in a fixed order; then the splits of a
 //      tile are added either by the last block to arrive (ticket counter in the workspace, which
 //      that block resets by wrapping, so graph replays need no memset), or through distributed
@@ -41,10 +42,9 @@ constexpr int kListRows = 2048;
 // Fewer rows per block than this costs more in per-block overhead than it gains in parallelism.
 constexpr int kMinRowsPerBlock = 32;
 constexpr int kMaxSplits = 64;
-// L2 prefetch before the dependency wait (see gemv_kernel), in bytes per multiprocessor, split
-// among its resident blocks: 4.3 MB over 132 SMs, about a microsecond of DRAM time, which the
-// previous kernel's tail and the compaction leave idle. Run H3 (32 rows per block: 8.6 MB for
-// fp16, 4.3 MB for int8) gained at every sparsity for int8 but lost ~0.5 us at 90% for fp16.
+// Unit of the optional L2 prefetch before the dependency wait (variants 11-13, see gemv_kernel),
+// in bytes per multiprocessor, split among its resident blocks: 4.3 MB over 132 SMs, about a
+// microsecond of DRAM time.
 constexpr int kPrefetchBytesPerSM = 32 * 1024;
 // Portable cluster size limit.
 constexpr int kMaxClusterSplits = 8;
@@ -242,7 +242,8 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
 }
 
 // Resident blocks per multiprocessor the register budget is held to: four for the 2-byte
-// formats (64 registers, which the unroll-8 loop fits without spilling), two for int8.
+// formats (64 registers; ptxas then keeps a few loop-invariant scalars in local memory, read in
+// the compaction and the tail, never in the streaming loop), two for int8 (up to 128).
 template <int W, int VEC> constexpr int kMinBlocks = (W == kI8 || VEC == 1) ? 2 : 4;
 
 // Streaming helpers: one batch of UNROLL rows of the active list per warp. issue() puts every
@@ -326,7 +327,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   const size_t row_bytes = static_cast<size_t>(sg.n) * kBytes;
   const int group = col / kGroup;
 
-  // Speculative L2 prefetch of the first rows of this block's chunk, before the dependency wait:
+  // Speculative L2 prefetch (variants 11-13) of the first rows of this block's chunk, before the
+  // dependency wait:
   // the weights are not written by the kernels this one waits for, and a prefetch changes no
   // value any load sees, so it is safe to issue while the previous kernel is still draining (its
   // tail and this kernel's x read and compaction leave the memory system idle otherwise). Rows
@@ -737,34 +739,35 @@ cudaError_t dispatch(const Args &a, int variant) {
   if (err != cudaSuccess) return err;
   b.pdl = major >= 9 && variant != 2;
   b.waves = 1;
-  b.prefetch_q = 4;
+  b.prefetch_q = 0;
 
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
-  // Eight loads in flight per lane everywhere: four or two measured no better across runs (the
-  // differences, ~1 us, changed sign between runs; kernels/cuda/NOTES.md runs 2 and 3).
+  // Default: two batches of four 16-byte loads per lane, the next batch in flight while the
+  // current one is decoded (run H4: 0.3-1.4 us faster than eight loads issued and then decoded,
+  // most for int8, whose decode is three instructions per byte), and no L2 prefetch before the
+  // wait (it gained ~1 us at 0% on the large shapes but lost as much at 90%, and the whole
+  // decode step ran 1.1% faster without it: kernels/cuda/NOTES.md, run H4).
   switch (variant) {
     case 0:
-    case 2: return launch<W, VEC, 8, true, kTicket>(b);
+    case 2: return launch<W, VEC, 4, true, kTicket, true, true>(b);
     case 1: return launch<W, VEC, 4, true, kTicket>(b);
     case 3:
       if (major < 9) return cudaErrorNotSupported;
-      return launch<W, VEC, 8, true, kCluster>(b);
+      return launch<W, VEC, 4, true, kCluster, true, true>(b);
     case 6:
     case 7:
       b.waves = variant == 6 ? 2 : 4;
-      return launch<W, VEC, 8, true, kTicket>(b);
-    case 8:
-      b.prefetch_q = 0;
-      return launch<W, VEC, 8, true, kTicket>(b);
-    case 9: return launch<W, VEC, 8, true, kTicket, false>(b);
-    case 10:
-      b.prefetch_q = 0;
-      return launch<W, VEC, 8, true, kTicket, false>(b);
+      return launch<W, VEC, 4, true, kTicket, true, true>(b);
+    case 8: return launch<W, VEC, 8, true, kTicket>(b);
+    case 9: return launch<W, VEC, 4, true, kTicket, false, true>(b);
+    case 10: return launch<W, VEC, 8, true, kTicket, false>(b);
     case 11:
     case 12:
-      b.prefetch_q = variant == 11 ? 2 : 8;
+      b.prefetch_q = variant == 11 ? 4 : 8;
+      return launch<W, VEC, 4, true, kTicket, true, true>(b);
+    case 13:
+      b.prefetch_q = 4;
       return launch<W, VEC, 8, true, kTicket>(b);
-    case 13: return launch<W, VEC, 4, true, kTicket, true, true>(b);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -9,9 +9,9 @@
  *
  * which is y = W^T (x . keep) with W stored input-major. The threshold compare happens inside the
  * kernel: no separate pass, no host synchronisation, no allocation. Rows of W whose channel is
- * not kept are never loaded, so the bytes moved fall with the sparsity; the one exception is an
- * L2 prefetch of the first rows of each block's K-chunk (32 KB per multiprocessor in all, 4.3 MB
- * on a 132-SM card), issued before x is known (variant 8 leaves it out).
+ * not kept are never read, so the bytes moved fall with the sparsity (the benchmark variants
+ * 11-13 of sparsify_gemv_tuned add an L2 prefetch of the first rows of each block's K-chunk,
+ * issued before x is known).
  *
  * Layout
  *   W        (K, N) row-major, input-major: row i holds the N weights that multiply x[i].
@@ -94,20 +94,20 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
 
 /*
  * Same computation with the launch configuration exposed, for benchmarks. wtype is one of
- * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default (eight 16-byte
- * loads in flight per lane, one wave of resident blocks, the first rows of each block's K-chunk
- * prefetched into L2 before the wait for the previous kernel, 32 KB per multiprocessor, split-K
- * ticket taken by one acquire-release atomic); 1 four loads in flight; 2 default without
- * programmatic dependent
- * launch; 3 split-K reduced through thread-block clusters (compute capability 9.0+,
- * cudaErrorNotSupported below); 6 and 7: K split finer, into two or four waves of blocks, so
- * that the block scheduler evens out uneven active-row counts; 8 default without the L2
- * prefetch; 9 default with a sequentially consistent fence in every thread around the ticket;
- * 10 both (the launch before the prefetch existed); 11 and 12 prefetch half or twice as much;
- * 13 two batches of four loads in registers, the next batch issued before the current one is
- * decoded. Every variant computes the same function; only 3 sums the splits in another fixed
- * order. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read at each launch)
- * makes every default launch (variant 0, the plain and grouped entry points too) run variant N.
+ * SPARSIFY_GEMV_F16/BF16/I8 (scales ignored unless I8). variant: 0 default (one wave of
+ * resident blocks; per lane two batches of four 16-byte loads, the next batch issued before the
+ * current one is decoded; split-K ticket taken by one acquire-release atomic); 1 one batch of
+ * four loads at a time; 2 default without programmatic dependent launch; 3 split-K reduced
+ * through thread-block clusters (compute capability 9.0+, cudaErrorNotSupported below); 6 and 7:
+ * K split finer, into two or four waves of blocks, so that the block scheduler evens out uneven
+ * active-row counts; 8 one batch of eight loads at a time; 9 default with a sequentially
+ * consistent fence in every thread around the ticket; 10 both 8 and 9 (the launch of the
+ * earlier version); 11 and 12 default plus an L2 prefetch of the first rows of each block's
+ * K-chunk before the wait for the previous kernel, 32 or 64 KB per multiprocessor; 13 variant 8
+ * plus the 32 KB prefetch. Every variant computes the same function; only 3 sums the splits in
+ * another fixed order. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read
+ * at each launch) makes every default launch (variant 0, the plain and grouped entry points
+ * too) run variant N.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
  */
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
