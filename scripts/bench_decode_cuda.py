@@ -202,8 +202,17 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
 # ------------------------------------------------------------------------------------------------
 
 
-def markdown(records: list[dict]) -> str:
-    """One table of every level of every record, each row labelled with its model and card."""
+def record_version(path: Path) -> str:
+    """The version a record file's name carries: '_vN' before '.json' (older code), else
+    'latest'."""
+    m = re.search(r"_v(\d+)$", path.stem)
+    return f"v{m.group(1)}" if m else "latest"
+
+
+def markdown(items: list[tuple[Path, dict]]) -> str:
+    """One table of every level of every record, each row labelled with its model, card and the
+    code version of its file name."""
+    records = [r for _, r in items]
     lines = ["# GPU decode (batch 1, CUDA graph per token)", "",
              ("Written by `scripts/bench_decode_cuda.py table` from the JSON records beside it. "
              "Models marked *synthetic* have random weights at real shapes: their speeds are "
@@ -213,7 +222,9 @@ def markdown(records: list[dict]) -> str:
              "stays dense); `glue` is the time of one step with every GEMV left out "
              "(`CUDAEngine.glue_ms`; records before it was measured show –); `step` is the "
              "fused decode step or the torch glue between the GEMVs (records before the fused "
-             "step existed show torch glue)."), ""]
+             "step existed show torch glue); `code` is the version in the record's file name "
+             "(`_vN`: an earlier record of that card; latest: that card's most recent record; "
+             "kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
     for r in records:
         v = r["versions"]
@@ -224,10 +235,10 @@ def markdown(records: list[dict]) -> str:
                          f"{r.get('compute_capability')}), driver {v.get('driver')}, "
                          f"CUDA {v.get('cuda')}, torch {v.get('torch')}, sparsify "
                          f"{v.get('sparsify')}")
-    lines += ["", ("| device | model | step | format | sparsity | tok/s (median ± IQR) | "
-              "speedup | ideal | MB/token | GB/s | % bound | copy GB/s | glue ms/step |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    lines += ["", ("| device | code | model | step | format | sparsity | tok/s (median ± IQR) "
+              "| speedup | ideal | MB/token | GB/s | % bound | copy GB/s | glue ms/step |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path, r in items:
         model = r["model"] + (" (synthetic)" if r.get("synthetic") else "")
         if r.get("gemv_variant"):
             model += f" [GEMV variant {r['gemv_variant']}]"
@@ -237,7 +248,8 @@ def markdown(records: list[dict]) -> str:
         for lv in r["levels"]:
             sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
             lines.append(
-                f"| {r['device']} | {model} | {step} | {r['format']} | {lv['sparsity']:.2f} | "
+                f"| {r['device']} | {record_version(path)} | {model} | {step} | {r['format']} | "
+                f"{lv['sparsity']:.2f} | "
                 f"{lv['tok_s']['median']:.1f} ± {lv['tok_s']['iqr']:.1f} | {sp} | "
                 f"{lv['ideal_speedup']:.2f}x | {lv['bytes_per_token'] / 1e6:.1f} | "
                 f"{lv['gb_s']:.0f} | {lv['pct_of_bound']:.0f}% | "
@@ -272,8 +284,8 @@ def main() -> None:
             not a.no_small, tuple(f for f in a.formats.split(",") if f), a.ab_variant,
             tuple(f for f in a.ab_formats.split(",") if f))
     else:
-        recs = [json.loads(p.read_text()) for p in sorted(a.records)]
-        a.output.write_text(markdown(recs))
+        items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
+        a.output.write_text(markdown(items))
 
 
 if __name__ == "__main__":
