@@ -329,26 +329,55 @@ def test_extra_symbols_merge_like_llamacpp():
     assert tok.decode(tok.encode("b\u00e9a\u00e9")) == "b\u00e9a\u00e9"
 
 
-def test_fast_merge_list_equals_python(loaded, monkeypatch, rng):
-    meta = loaded("gemma3-270m").gguf.metadata
-    types = np.array(meta["tokenizer.ggml.token_type"])
-    # A slice of the real vocabulary (with its user-defined tokens) plus random short strings
-    # with tied scores.
+def _both_encoders(tok: Tokenizer, monkeypatch, text: str) -> tuple[list[int], list[int]]:
+    """Ids of ``text`` from the plain-Python SPM encoder and from the compiled one."""
+    spm = tok._encoder
+    monkeypatch.setattr(spm, "COMPILED_FROM", 1 << 30)
+    plain = tok.encode(text, add_bos=False)
+    monkeypatch.setattr(spm, "COMPILED_FROM", 0)
+    compiled = tok.encode(text, add_bos=False)
+    return plain, compiled
+
+
+def test_compiled_spm_encoder_equals_plain(loaded, monkeypatch, rng):
+    # A slice of Gemma 3's vocabulary (with its user-defined and byte tokens) plus random short
+    # strings with many tied scores, on random texts over their alphabet and real text.
+    meta = dict(loaded("gemma3-270m").gguf.metadata)
     words = list(meta["tokenizer.ggml.tokens"][:3000])
-    alphabet = np.array(list("ab\u2581c\u00e9"))
-    words += sorted({"".join(rng.choice(alphabet, size=rng.integers(1, 6))) for _ in range(400)}
+    alphabet = np.array(list("ab\u2581c\u00e9\u4e2d"))
+    words += sorted({"".join(rng.choice(alphabet, size=rng.integers(2, 6))) for _ in range(400)}
                     - set(words))
     scores = np.concatenate([meta["tokenizer.ggml.scores"][:3000],
                              rng.integers(-20, 0, len(words) - 3000)]).astype(np.float32)
-    types = np.concatenate([types[:3000], np.full(len(words) - 3000, tk.NORMAL)])
-    fast, extra = tk._spm_merges(words, scores, types)
-    user = np.concatenate([types == tk.USER_DEFINED, np.zeros(len(extra), dtype=bool)])
-    slow_scores = np.concatenate([scores, np.zeros(len(extra), dtype=np.float32)])
-    assert fast == tk._spm_merges_slow(words + extra, slow_scores, user)
-    assert len(fast) > 1000
-    # With base 1 every anagram collides: the exact Python route must take over.
+    types = np.concatenate([np.array(meta["tokenizer.ggml.token_type"][:3000]),
+                            np.full(len(words) - 3000, tk.NORMAL)]).astype(np.int32)
+    meta |= {"tokenizer.ggml.tokens": words, "tokenizer.ggml.scores": scores,
+             "tokenizer.ggml.token_type": types}
+    tok = Tokenizer.from_metadata(meta)
+    texts = ["".join(rng.choice(alphabet, size=int(n))) for n in rng.integers(1, 300, 60)]
+    texts += [t for t in TEXTS if t]
+    merged = 0
+    for text in texts:
+        plain, compiled = _both_encoders(tok, monkeypatch, text)
+        assert compiled == plain, text[:80]
+        merged += len(plain) < len(text)
+    assert merged > 40  # the merges did happen
+    # With base 1 every anagram collides: the compiled route must stand down.
+    tok = Tokenizer.from_metadata(meta)
     monkeypatch.setattr(tk, "_HASH_BASES", (1, 1))
-    assert tk._spm_merges(words, scores, types) == (fast, extra)
+    monkeypatch.setattr(tk, "_INV_BASES", (1, 1))
+    for text in texts[:10]:
+        plain, compiled = _both_encoders(tok, monkeypatch, text)
+        assert compiled == plain
+    assert not tok._encoder.exact
+
+
+def test_compiled_spm_encoder_on_gemma(tok, name, monkeypatch):
+    if name != "gemma3-270m":
+        pytest.skip("SPM vocabulary only")
+    for text in TEXTS + _corpus_slices(20, seed=5):
+        plain, compiled = _both_encoders(tok, monkeypatch, text)
+        assert compiled == plain, text[:80]
 
 
 # ---- llama.cpp as oracle ---------------------------------------------------------------------
@@ -450,8 +479,8 @@ def test_small_spm_vocabulary_against_llamacpp(loaded, tmp_path, llama_cpp):
     tok = Tokenizer.from_metadata(meta)
     _assert_same_ids(llm, tok, ["a\u00e9", "\u00e9", "xyzw", "yzwxy", "ab ba", "aba", "zzz"])
 
-    # The one known difference: merges of equal score. On "abab" the candidates ab, ba, ab
-    # tie; llama.cpp merges the leftmost, the BPE model the pair ranked first ("ba", lower id).
-    ab, aba, b = SMALL_ID["ab"], SMALL_ID["aba"], SMALL_ID["b"]
+    # Merges of equal score: on "abab" the candidates ab, ba, ab tie, and llama.cpp merges the
+    # leftmost (a BPE merge list would take the pair ranked first, "ba": [aba, b]).
+    ab = SMALL_ID["ab"]
     assert llm.tokenize(b"abab", add_bos=False, special=False) == [ab, ab]
-    assert tok.encode("abab", add_bos=False) == [aba, b]
+    assert tok.encode("abab", add_bos=False) == [ab, ab]
