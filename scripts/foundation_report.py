@@ -1,9 +1,11 @@
 """Measure the foundation's numbers and write them to results/foundation.json.
 
 For each bundled model: agreement with the float32 reference and llama.cpp's logits in
-shared/reference/, the live llama.cpp comparison (when llama-cpp-python is installed), the time
-from opening the file to the first logits (in a fresh interpreter, imports timed separately) and
-the decode tokens/s of the plain torch path.
+shared/reference/, the live llama.cpp comparison (when llama-cpp-python is installed: the five
+oracle prompts and 12 windows of held-out text, each with llama.cpp's agreement with itself,
+batch against token by token), the time from opening the file to the first logits (in a fresh
+interpreter, imports timed separately; llama.cpp's the same way) and the decode tokens/s of the
+plain torch path.
 
     python scripts/foundation_report.py [--out results/foundation.json]
 """
@@ -24,7 +26,7 @@ from sparsify.bench import cpu_name, versions, write_json_atomic
 from sparsify.bundled import fetch
 from sparsify.generate import GenerationStats, generate
 from sparsify.loader import load
-from sparsify.oracle import as_dict, compare, llamacpp_available
+from sparsify.oracle import as_dict, compare, heldout_windows, llamacpp_available
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -85,6 +87,35 @@ def first_logits(name: str) -> dict:
     return best
 
 
+# The same measure for llama.cpp (llama-cpp-python), on the same machine in the same run.
+_LLAMACPP_FIRST_LOGITS = r"""
+import sys, time, json, os
+t0 = time.perf_counter()
+import llama_cpp
+t1 = time.perf_counter()
+fd = os.dup(2); os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+ids = llm.tokenize(b"The history of the bicycle")
+llm.eval(ids)
+logits = llm.scores[len(ids) - 1]
+t2 = time.perf_counter()
+os.dup2(fd, 2)
+print(json.dumps({"imports_s": t1 - t0, "open_to_first_logits_s": t2 - t1}))
+"""
+
+
+def llamacpp_first_logits(name: str) -> dict:
+    path = fetch(name, quiet=True)
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", _LLAMACPP_FIRST_LOGITS, str(path)],
+                             check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    best = min(runs, key=lambda r: r["open_to_first_logits_s"])
+    best["runs_open_to_first_logits_s"] = [r["open_to_first_logits_s"] for r in runs]
+    return best
+
+
 def help_time() -> float:
     times = []
     for _ in range(3):
@@ -119,7 +150,11 @@ def main() -> None:
         r = {"file": m.path.name, "reference": reference_agreement(name, model, m.tokenizer),
              "first_logits": first_logits(name), "torch_decode": torch_decode(model, m.tokenizer)}
         if llamacpp_available():
+            r["llamacpp_first_logits"] = llamacpp_first_logits(name)
             r["llamacpp_live"] = as_dict(compare(m, model))
+            # Running text: 12 windows of 96 tokens from the held-out corpus.
+            r["llamacpp_heldout"] = as_dict(compare(m, model, heldout_windows(m.tokenizer),
+                                                    greedy_tokens=0))
         rec["models"][name] = r
     write_json_atomic(Path(args.out), rec)
     print(json.dumps(rec, indent=1))
