@@ -89,9 +89,21 @@ def test_sparse_decode_follows_masked_torch(name, loaded, torch_model, engines):
     picks = [int(np.argmax(eng.step(t))) for t in ids + want[:-1]][len(ids) - 1:]
     differ = [i for i, (a, b) in enumerate(zip(picks, want)) if a != b]
     assert len(differ) <= 6, differ
-    # Free-running, the engine's own greedy continuation: equal to torch's for all 64 tokens
-    # with these tables on this code (a single boundary flip would end the equal prefix, so
-    # this is the strict form of the check above).
-    assert eng.generate(ids, 64) == want
+    # Free-running, the engine's own continuation, checked the other way round: torch fed the
+    # engine's sequence picks the engine's token at >= 90% of the steps. Equality of the two
+    # free-running sequences is no test: it held for all 64 tokens on one machine (an Intel
+    # Xeon) and broke after a few on another (an AMD EPYC), because one threshold flip from
+    # a different float rounding is amplified into many (results/consistency_cuda.md).
+    free = eng.generate(ids, 64)
+    old = model.projector
+    model.projector = MaskingProjector(thresholds)
+    try:
+        cache = KVCache.empty(model.cfg, len(ids) + 64)
+        with torch.inference_mode():
+            back = [int(model.forward(torch.tensor([[t]]), pos, cache)[0, -1].argmax())
+                    for pos, t in enumerate(ids + free[:-1])][len(ids) - 1:]
+    finally:
+        model.projector = old
+    assert sum(a != b for a, b in zip(back, free)) <= 6, (back, free)
     # About half the block weight rows were skipped at level 0.5.
     assert eng.rows_read < 0.8 * sum(p.k for p in eng.projs.values()) * eng.pos
