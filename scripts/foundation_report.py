@@ -75,11 +75,13 @@ def reference_agreement(name: str, model, tok) -> dict:
             "max_rel_logit_diff_vs_float32": worst_rel}
 
 
-def first_logits(name: str) -> dict:
+def _best_of_three(script: str, name: str) -> dict:
+    """Run ``script`` on the model's file in three fresh interpreters; the fastest run's
+    timings, with every run's open-to-first-logits time beside them."""
     path = fetch(name, quiet=True)
     runs = []
     for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", _FIRST_LOGITS, str(path)], check=True,
+        out = subprocess.run([sys.executable, "-c", script, str(path)], check=True,
                              capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["open_to_first_logits_s"])
@@ -102,18 +104,6 @@ t2 = time.perf_counter()
 os.dup2(fd, 2)
 print(json.dumps({"imports_s": t1 - t0, "open_to_first_logits_s": t2 - t1}))
 """
-
-
-def llamacpp_first_logits(name: str) -> dict:
-    path = fetch(name, quiet=True)
-    runs = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", _LLAMACPP_FIRST_LOGITS, str(path)],
-                             check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
-    best = min(runs, key=lambda r: r["open_to_first_logits_s"])
-    best["runs_open_to_first_logits_s"] = [r["open_to_first_logits_s"] for r in runs]
-    return best
 
 
 def help_time() -> float:
@@ -148,9 +138,10 @@ def main() -> None:
         m = load(name)
         model = m.model()
         r = {"file": m.path.name, "reference": reference_agreement(name, model, m.tokenizer),
-             "first_logits": first_logits(name), "torch_decode": torch_decode(model, m.tokenizer)}
+             "first_logits": _best_of_three(_FIRST_LOGITS, name),
+             "torch_decode": torch_decode(model, m.tokenizer)}
         if llamacpp_available():
-            r["llamacpp_first_logits"] = llamacpp_first_logits(name)
+            r["llamacpp_first_logits"] = _best_of_three(_LLAMACPP_FIRST_LOGITS, name)
             r["llamacpp_live"] = as_dict(compare(m, model))
             # Running text: 12 windows of 96 tokens from the held-out corpus.
             r["llamacpp_heldout"] = as_dict(compare(m, model, heldout_windows(m.tokenizer),
