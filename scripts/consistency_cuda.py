@@ -45,23 +45,6 @@ def torch_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     return out, np.stack(logits)
 
 
-def rounded_model(engine, loaded, dev):
-    """The torch model over the engine's own (fp16/bf16/int8-rounded) projection and head
-    weights, back in float32; a tied head keeps the float32 embedding."""
-    from sparsify.engine_cuda import INT8_GROUP
-    from sparsify.model import Model, Weights
-
-    w = Weights(loaded.gguf, device=str(dev))
-    for p in [*engine.projs.values(), engine.head]:
-        if p.name == "token_embd":
-            continue
-        wt = p.w.float()
-        if p.scales is not None:
-            wt = wt * p.scales.repeat_interleave(INT8_GROUP, dim=1)[:, :p.n]
-        w._cache[p.name] = wt.t().contiguous().to(dev)
-    return Model(loaded.cfg, w)
-
-
 def write_table(record_path: str, out: str) -> None:
     """Markdown summary of a record: per model, format and level, the common prefix per prompt."""
     rec = json.loads(Path(record_path).read_text())
@@ -110,7 +93,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from sparsify.bundled import fetch
-    from sparsify.engine_cuda import CUDAEngine, device_info
+    from sparsify.engine_cuda import CUDAEngine, device_info, rounded_model
     from sparsify.loader import load
     from sparsify.model import dense_projector
     from sparsify.sparse import MaskingProjector

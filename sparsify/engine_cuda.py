@@ -585,6 +585,23 @@ class CUDAEngine:
 # ------------------------------------------------------------------------------------------------
 
 
+def rounded_model(engine: CUDAEngine, loaded, device: str | torch.device = "cpu"):
+    """The torch model over ``engine``'s own weights (fp16/bf16/int8-rounded projections and
+    head, back in float32) on ``device``: it and the engine then differ only in summation order
+    and in entries that sit at a threshold. A tied head keeps the float32 embedding."""
+    from .model import Model, Weights
+
+    w = Weights(loaded.gguf, device=device)
+    for p in [*engine.projs.values(), engine.head]:
+        if p.name == "token_embd":
+            continue
+        wt = p.w.float()
+        if p.scales is not None:
+            wt = wt * p.scales.repeat_interleave(INT8_GROUP, dim=1)[:, :p.n]
+        w._cache[p.name] = wt.t().contiguous().to(device)
+    return Model(loaded.cfg, w)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -698,4 +715,5 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
     }
 
 
-__all__ = ["FORMATS", "CUDAEngine", "bench_cuda", "copy_bandwidth", "quantize_int8_groups"]
+__all__ = ["FORMATS", "CUDAEngine", "bench_cuda", "copy_bandwidth", "quantize_int8_groups",
+           "rounded_model"]

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.model import KVCache, Model, Weights
+from sparsify.engine_cuda import rounded_model
+from sparsify.model import KVCache
 from sparsify.sparse import MaskingProjector
 
 DEVICE = os.environ.get("SPARSIFY_ENGINE_TEST_DEVICE", "cuda")
@@ -82,21 +83,6 @@ def engines(models):
     return get
 
 
-def _rounded_model(engine, loaded) -> Model:
-    """The torch model over the engine's own weights (fp16/bf16/int8-rounded projections and
-    head, back in float32), so engine and model differ only in summation order and in entries
-    that sit at a threshold. A tied head keeps the float32 embedding in the model."""
-    w = Weights(loaded.gguf)
-    for p in [*engine.projs.values(), engine.head]:
-        if p.name == "token_embd":
-            continue
-        wt = p.w.float()
-        if p.scales is not None:
-            wt = wt * p.scales.repeat_interleave(128, dim=1)[:, :p.n]
-        w._cache[p.name] = wt.t().contiguous().cpu()
-    return Model(loaded.cfg, w)
-
-
 def _quantile_thresholds(model, ids: list[int], level: float, weight_aware: bool):
     """Per-tensor score quantiles over one forward of ``ids`` (a stand-in for a profiled table)."""
     seen: dict[str, list[torch.Tensor]] = {}
@@ -151,7 +137,7 @@ def test_dense_logits_close_to_float32_model(name, fmt, models, engines):
     eng.set_thresholds(None)
     with torch.inference_mode():
         ref = loaded.model().forward(torch.tensor([ids]))[0].numpy()
-        naive = _rounded_model(eng, loaded).forward(torch.tensor([ids]))[0].numpy()
+        naive = rounded_model(eng, loaded).forward(torch.tensor([ids]))[0].numpy()
         eng.reset()
         got = np.stack([eng.step(t).cpu().numpy().copy() for t in ids])
     scale = np.abs(ref).max()
@@ -170,8 +156,8 @@ def test_dense_logits_close_to_float32_model(name, fmt, models, engines):
 def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engines):
     """Sparse decode at level 0.5 against the masked torch model over N_TOKENS greedy tokens.
 
-    The torch model runs over the engine's rounded weights (see _rounded_model), so what is
-    left is float32 summation order and entries within rounding of a threshold, which one side
+    The torch model runs over the engine's rounded weights (see engine_cuda.rounded_model), so
+    what is left is float32 summation order and entries within rounding of a threshold, which one side
     keeps and the other drops; such a flip then propagates through the KV cache. So the engine
     is fed torch's greedy sequence (teacher forcing) and must pick torch's token at every step
     except at most a fifth of them, each where torch's own top-2 logits are within 1.0 (the CPU
@@ -182,7 +168,7 @@ def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engine
     loaded = models(name)
     ids = _prompt(loaded)
     eng = engines(name, fmt)
-    model = _rounded_model(eng, loaded)
+    model = rounded_model(eng, loaded)
     wa = criterion == "weight-aware"
     thresholds = _quantile_thresholds(model, ids, 0.5, wa)
     model.projector = MaskingProjector(thresholds, weight_aware=wa)
@@ -214,7 +200,7 @@ def test_graph_follows_threshold_writes_without_recapture(models, engines):
     eng = engines("synthetic-small", "fp16")
     eng.set_thresholds(None)
     results = {}
-    model = _rounded_model(eng, loaded)
+    model = rounded_model(eng, loaded)
     thresholds = _quantile_thresholds(model, ids, 0.5, False)
     for mode in ("graph", "eager"):
         eng.use_graph = mode == "graph"
