@@ -157,8 +157,8 @@ def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engine
     """Sparse decode at level 0.5 against the masked torch model over N_TOKENS greedy tokens.
 
     The torch model runs over the engine's rounded weights (see engine_cuda.rounded_model), so
-    what is left is float32 summation order and entries within rounding of a threshold, which one side
-    keeps and the other drops; such a flip then propagates through the KV cache. So the engine
+    what is left is float32 summation order and entries within rounding of a threshold, which
+    one side keeps and the other drops; such a flip then propagates through the KV cache. So the engine
     is fed torch's greedy sequence (teacher forcing) and must pick torch's token at every step
     except at most a fifth of them, each where torch's own top-2 logits are within 1.0 (the CPU
     engine's measured tolerance for the same effect). Free-running greedy may leave torch's sequence only
