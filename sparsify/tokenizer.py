@@ -549,14 +549,13 @@ def _substring_hashes(cps: np.ndarray, base: int, inv: int, starts: np.ndarray,
 
 
 class _HashTable:
-    """Open-addressing table (linear probing) from 64-bit keys to their index, built and probed
-    with whole-array numpy operations; about four times faster than ``np.searchsorted`` here."""
+    """Open-addressing table (linear probing) from 64-bit keys to their index, built with
+    whole-array numpy operations; ``_spm_lookup`` probes it (same slot function, same order)."""
 
     def __init__(self, keys: np.ndarray) -> None:
         bits = max(4, int(keys.size).bit_length() + 3)  # load factor at most 1/8
         self._mask = (1 << bits) - 1
         self._shift = np.uint64(64 - bits)
-        self._keys = keys
         self._slots = np.full(1 << bits, -1, dtype=np.int64)
         pending = np.arange(keys.size)
         slot = self._slot(keys)
@@ -579,19 +578,6 @@ class _HashTable:
             x = x * np.uint64(0x94D049BB133111EB)
             x ^= x >> np.uint64(31)
         return (x >> self._shift).astype(np.int64)
-
-    def find(self, queries: np.ndarray) -> np.ndarray:
-        """Index of each query among the keys, -1 where absent."""
-        out = np.full(queries.size, -1, dtype=np.int64)
-        active = np.arange(queries.size)
-        slot = self._slot(queries)
-        while active.size:
-            held = self._slots[slot]
-            hit = (held >= 0) & (self._keys[held] == queries[active])
-            out[active[hit]] = held[hit]
-            go_on = (held >= 0) & ~hit
-            active, slot = active[go_on], (slot[go_on] + 1) & self._mask
-        return out
 
 
 @numba.njit(cache=True, nogil=True)
