@@ -98,7 +98,7 @@ def fused_failures(junit: Path) -> list[str]:
 def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int,
         kernels: bool, table_path: Path | None, small: bool,
         formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variant: int = 0,
-        ab_formats: tuple[str, ...] = ()) -> None:
+        ab_formats: tuple[str, ...] = (), ab_env: str | None = None) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -178,22 +178,34 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
             log(f"skipping {fmt}: {left(deadline):.0f} s left")
             continue
         bench_one(str(big), tab, levels, fmt, out, tokens, repeats, "synthetic-llama3-8b")
+    # A/B inside the whole step, in this process and on this card: the same decode with every
+    # default GEMV launch switched to another launch variant (SPARSIFY_GEMV_VARIANT,
+    # sparse_gemv.h), and/or with one engine setting of the environment changed (e.g.
+    # SPARSIFY_CUDA_FOLD_NORMS=0). The record says what it ran.
+    settings = {}
     if ab_variant:
-        # The same decode with every default GEMV launch switched to another launch variant
-        # (SPARSIFY_GEMV_VARIANT, sparse_gemv.h), in this process and on this card: an A/B of
-        # one kernel change inside the whole step. The record says which variant it ran.
-        os.environ["SPARSIFY_GEMV_VARIANT"] = str(ab_variant)
+        settings["SPARSIFY_GEMV_VARIANT"] = str(ab_variant)
+    if ab_env:
+        name, _, value = ab_env.partition("=")
+        settings[name] = value
+    if settings:
+        os.environ.update(settings)
+        tag = "_".join(re.sub(r"[^A-Za-z0-9]+", "", f"{k.split('_')[-1]}{v}").lower()
+                       for k, v in settings.items())
         for fmt in ab_formats:
             if left(deadline) < 55:
-                log(f"skipping variant {ab_variant} {fmt}: {left(deadline):.0f} s left")
+                log(f"skipping A/B {settings} {fmt}: {left(deadline):.0f} s left")
                 continue
-            label = f"synthetic-llama3-8b_variant{ab_variant}"
-            path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats, label)
+            path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats,
+                             f"synthetic-llama3-8b_{tag}")
             if path is not None:
                 rec = json.loads(path.read_text())
-                rec["gemv_variant"] = ab_variant
+                rec["environment"] = settings
+                if ab_variant:
+                    rec["gemv_variant"] = ab_variant
                 path.write_text(json.dumps(rec, indent=1))
-        del os.environ["SPARSIFY_GEMV_VARIANT"]
+        for k in settings:
+            del os.environ[k]
     log("done")
 
 
@@ -222,7 +234,9 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "stays dense); `glue` is the time of one step with every GEMV left out "
              "(`CUDAEngine.glue_ms`; records before it was measured show –); `step` is the "
              "fused decode step or the torch glue between the GEMVs (records before the fused "
-             "step existed show torch glue); `code` is the version in the record's file name "
+             "step existed show torch glue; *norms in GEMVs*: the RMS norms computed inside "
+             "the q/k/v and gate/up GEMVs and the residual adds inside attn_output and "
+             "ffn_down, five launches per block instead of seven); `code` is the version in the record's file name "
              "(`_vN`: an earlier record of that card; latest: that card's most recent record; "
              "kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
@@ -245,6 +259,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
         glue = r.get("glue_ms_per_step")
         glue = f"{glue:.2f}" if glue is not None else "–"
         step = "fused" if r.get("fused") else "torch glue"
+        if r.get("fold_norms"):
+            step += ", norms in GEMVs"
         for lv in r["levels"]:
             sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
             lines.append(
@@ -275,6 +291,8 @@ def main() -> None:
     r.add_argument("--ab-variant", type=int, default=0,
                    help="then benchmark --ab-formats again with this GEMV launch variant")
     r.add_argument("--ab-formats", default="fp16")
+    r.add_argument("--ab-env", default=None, metavar="NAME=VALUE",
+                   help="then benchmark --ab-formats again with this environment setting")
     t = sub.add_parser("table", help="markdown table from JSON records")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
@@ -282,7 +300,7 @@ def main() -> None:
     if a.cmd == "run":
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
             not a.no_small, tuple(f for f in a.formats.split(",") if f), a.ab_variant,
-            tuple(f for f in a.ab_formats.split(",") if f))
+            tuple(f for f in a.ab_formats.split(",") if f), a.ab_env)
     else:
         items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
         a.output.write_text(markdown(items))

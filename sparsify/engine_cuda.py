@@ -18,8 +18,12 @@ hold it to the torch model. On CUDA the step is *fused* by default: per block, t
 + RMS-norm kernels, one attention kernel (q/k norm, RoPE, cache write, attention), q/k/v in one
 GEMV launch, gate/up in one, and the down projection reading act(gate) * up directly -- seven
 launches instead of about twenty (``fused=False``, or ``SPARSIFY_CUDA_FUSED=0`` in the
-environment, keeps the torch glue). ``device="cpu"`` runs the torch glue eagerly with a masked
-matmul in place of the kernel, for testing the glue without a GPU.
+environment, keeps the torch glue). Where a block has no post-norms (llama), the two norms fold
+into the GEMVs as well: q/k/v and gate/up read the residual stream and RMS-norm it inside the
+kernel, attn_output and ffn_down add their result into it, so a block is five launches
+(``fold_norms=False``, or ``SPARSIFY_CUDA_FOLD_NORMS=0``, keeps the norm kernels).
+``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
+testing the glue without a GPU.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ class CUDAEngine:
 
     def __init__(self, loaded, fmt: str = "fp16", max_len: int = 2048,
                  device: str | torch.device = "cuda", use_graph: bool = True,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, fold_norms: bool | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -153,6 +157,11 @@ class CUDAEngine:
             self.ws = torch.zeros(need, dtype=torch.uint8, device=self.device)
             self.fused = bool(fused) and kc.attention_supported(cfg.head_dim, cfg.head_dim_v,
                                                                max_len, self.device)
+        if fold_norms is None:
+            fold_norms = os.environ.get("SPARSIFY_CUDA_FOLD_NORMS", "1") != "0"
+        # Gemma's post-norms need the RMS of a projection's whole output before the residual
+        # add, which no single block of the GEMV has: those blocks keep the norm kernels.
+        self.fold_norms = bool(fold_norms) and self.fused and not cfg.post_norms
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -272,21 +281,25 @@ class CUDAEngine:
         return [[P[pre + n] for n in ("attn_q", "attn_k", "attn_v")],
                 [P[pre + n] for n in ("ffn_gate", "ffn_up")]]
 
-    def _gemv_group(self, projs: list[_Proj], x: torch.Tensor,
-                    outs: list[torch.Tensor]) -> None:
-        """The projections of one input in one launch, each into its ``outs`` buffer."""
+    def _gemv_group(self, projs: list[_Proj], x: torch.Tensor, outs: list[torch.Tensor],
+                    norm: torch.Tensor | None = None) -> None:
+        """The projections of one input in one launch, each into its ``outs`` buffer; with
+        ``norm`` the input is rms_norm(x) * norm, formed inside the kernel."""
         if self._skip_gemv is not None:
             return
         wa = self.weight_aware
         self._kc.sparse_gemv_group([p.w for p in projs], x, [p.threshold for p in projs], outs,
                                    factors=[p.norms if wa else None for p in projs],
-                                   scales=[p.scales for p in projs], workspace=self.ws)
+                                   scales=[p.scales for p in projs], norm=norm,
+                                   eps=self.cfg.norm_eps, workspace=self.ws)
 
     def _gemv(self, p: _Proj, x: torch.Tensor, out: torch.Tensor | None = None,
-              up: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+              up: torch.Tensor | None = None, act: str | None = None,
+              accumulate: bool = False) -> torch.Tensor:
         """y = W^T (x ⊙ keep) for x (K,) float32 -> (N,) float32 (into ``out`` when given).
 
-        With ``up`` the input is act(x) * up, formed inside the kernel (CUDA only).
+        With ``up`` the input is act(x) * up, formed inside the kernel (CUDA only); with
+        ``accumulate`` the result is added into ``out``.
         """
         if self._skip_gemv is not None:
             return out if out is not None else self._skip_gemv[p.n]
@@ -296,7 +309,8 @@ class CUDAEngine:
             self.kept[p.index] += (~(score <= p.threshold)).sum()
         if self.device.type == "cuda":
             return self._kc.sparse_gemv(p.w, x, p.threshold, factor=factor, scales=p.scales,
-                                        out=out, workspace=self.ws, up=up, act=act)
+                                        out=out, workspace=self.ws, up=up, act=act,
+                                        accumulate=accumulate)
         # CPU stand-in for the kernel (tests of the glue): mask, then a float32 matmul.
         score = x.abs() if factor is None else x.abs() * factor
         xm = x * ~(score <= p.threshold)
@@ -304,7 +318,9 @@ class CUDAEngine:
         if p.scales is not None:
             w = w * p.scales.repeat_interleave(INT8_GROUP, dim=1)[:, :p.n]
         y = xm @ w
-        return y if out is None else out.copy_(y)
+        if out is None:
+            return y
+        return out.add_(y) if accumulate else out.copy_(y)
 
     def _rope(self, x: torch.Tensor, c: torch.Tensor, sn: torch.Tensor) -> torch.Tensor:
         """model.rope for one position in three kernels: x (H, D) -> x*C + x[:, perm]*S.
@@ -402,8 +418,10 @@ class CUDAEngine:
         Per block: h += (previous f, post-normed on gemma), x = rms_norm(h); q/k/v GEMVs in one
         launch; attention (q/k norm, RoPE at pos, cache write, softmax over visible keys);
         attn_output GEMV; h += o (post-normed), x = rms_norm(h); gate/up in one launch; ffn_down
-        on act(gate) * up formed inside the GEMV. Counting passes use _decode's torch glue,
-        which materializes every projection input.
+        on act(gate) * up formed inside the GEMV. With ``fold_norms`` (blocks without
+        post-norms) the norms ride on the GEMVs: q/k/v and gate/up read h and norm it in the
+        kernel, attn_output and ffn_down add into h; five launches per block. Counting passes use
+        _decode's torch glue, which materializes every projection input.
         """
         c, K, P = self.cfg, self._kc, self.projs
         eps, h, xn = c.norm_eps, self.h, self.xn
@@ -411,11 +429,15 @@ class CUDAEngine:
         if c.embed_scale != 1.0:
             h.mul_(c.embed_scale)
         r, post = None, None
+        fold = self.fold_norms
         for i in range(c.n_layer):
             pre = f"blk.{i}."
             qkv_projs, gu_projs = self._groups(i)
-            K.add_rms_norm(h, r, self.norms[pre + "attn_norm"], eps, xn, post)
-            self._gemv_group(qkv_projs, xn, self.qkv_views)
+            if fold:  # q/k/v norm the stream themselves
+                self._gemv_group(qkv_projs, h, self.qkv_views, norm=self.norms[pre + "attn_norm"])
+            else:
+                K.add_rms_norm(h, r, self.norms[pre + "attn_norm"], eps, xn, post)
+                self._gemv_group(qkv_projs, xn, self.qkv_views)
             cos, sin = self.rope_tables[self._rope_key(i)]
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
@@ -423,6 +445,12 @@ class CUDAEngine:
                                self.rope_perm32, self.att, n_head=c.n_head, scale=c.attn_scale,
                                eps=eps, window=c.sliding_window if c.swa_layers[i] else 0,
                                q_norm=qn, k_norm=kn)
+            if fold:  # attn_output adds into the stream, gate/up norm it
+                self._gemv(P[pre + "attn_output"], self.att, h, accumulate=True)
+                self._gemv_group(gu_projs, h, self.gu_views, norm=self.norms[pre + "ffn_norm"])
+                self._gemv(P[pre + "ffn_down"], self.gu_views[0], h, up=self.gu_views[1],
+                           act=c.activation, accumulate=True)
+                continue
             self._gemv(P[pre + "attn_output"], self.att, self.obuf)
             K.add_rms_norm(h, self.obuf, self.norms[pre + "ffn_norm"], eps, xn,
                            self.norms[pre + "post_attention_norm"] if c.post_norms else None)
@@ -707,7 +735,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,
-        "glue_ms_per_step": glue, "fused": engine.fused,
+        "glue_ms_per_step": glue, "fused": engine.fused, "fold_norms": engine.fold_norms,
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},

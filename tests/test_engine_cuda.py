@@ -253,15 +253,21 @@ def test_fused_step_follows_torch_glue(models):
 
     loaded = models("synthetic-small")
     ids = _prompt(loaded)
-    fused = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True)
+    # Folded: the norms inside the GEMVs (llama blocks); unfolded: the norm kernels between them.
+    folded = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True)
+    unfolded = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True,
+                          fold_norms=False)
     glue = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=False)
-    assert fused.fused and not glue.fused
+    assert folded.fused and folded.fold_norms
+    assert unfolded.fused and not unfolded.fold_norms
+    assert not glue.fused and not glue.fold_norms
     runs = []
-    for eng in (fused, glue):
+    for eng in (folded, unfolded, glue):
         eng.set_thresholds(None)
         toks = eng.generate(ids, 24)
         runs.append((toks, eng.logits.cpu().clone()))
-    (tf, lf), (tg, lg) = runs
-    assert tf == tg
-    # float32 glue in another order: ~1e-6 of the logit scale; a wrong kernel is >= 1e-2.
-    assert float((lf - lg).abs().max()) <= 1e-4 * float(lg.abs().max())
+    (tg, lg) = runs[-1]
+    for tf, lf in runs[:-1]:
+        assert tf == tg
+        # float32 glue in another order: ~1e-6 of the logit scale; a wrong kernel is >= 1e-2.
+        assert float((lf - lg).abs().max()) <= 1e-4 * float(lg.abs().max())

@@ -408,6 +408,76 @@ def test_gated_input_matches_reference(gen, dtype, act):
             check(y, reference(w, xa, t, scales=sc), abs_bound(w, xa, t, scales=sc))
 
 
+def normed_input(x: torch.Tensor, nw: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 RMS-normed input (the kernel's x', rounded once from float64)."""
+    return ref_ops.rms_norm(x, nw, eps).float()
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kn", [(4096, 1024), (1537, 576), (577, 33)],
+                         ids=lambda kn: f"{kn[0]}x{kn[1]}")
+def test_normed_input_matches_reference(gen, dtype, kn):
+    # The residual stream at its natural scale (not unit): the norm must actually rescale.
+    k, n = kn
+    dev = torch.device("cuda")
+    w, sc = make_weights(gen, k, n, dtype)
+    x = torch.randn(k, generator=gen) * 7 + 0.5
+    nw = torch.rand(k, generator=gen) * 2 - 0.5  # signs mixed, some weights near zero
+    eps = 1e-5
+    xa = normed_input(x, nw, eps)
+    f = torch.rand(k, generator=gen) * 3
+    for sparsity, factor in ((0.0, None), (0.5, None), (0.5, f), (0.9, None), (1.0, None)):
+        score = xa.abs() if factor is None else xa.abs() * factor
+        t = threshold_mid(score, sparsity)
+        y = run(w, x, t, factor=factor, scales=sc, norm=nw.to(dev), eps=eps)
+        # The kernel's scale sums K squares in float32: up to ~K u relative on each input, on
+        # top of the product's own rounding (abs_bound), hence twice the bound.
+        check(y, reference(w, xa, t, factor, sc), 2 * abs_bound(w, xa, t, factor, sc))
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accumulate_adds_into_out(gen, dtype):
+    # Plain, gated and normed inputs, one segment and three: out += result, every element.
+    dev = torch.device("cuda")
+    k = 1537
+    ns = (1024, 33, 576)
+    ws, scs = zip(*(make_weights(gen, k, n, dtype) for n in ns))
+    g, u = torch.randn(k, generator=gen) * 3, torch.randn(k, generator=gen)
+    nw = torch.rand(k, generator=gen) + 0.5
+    for mode in ("plain", "gated", "normed"):
+        if mode == "plain":
+            xa, kw = g, {}
+        elif mode == "gated":
+            xa, kw = ref_ops.gated_input(g, u, "silu"), {"up": u.to(dev), "act": "silu"}
+        else:
+            xa, kw = normed_input(g, nw, 1e-6), {"norm": nw.to(dev), "eps": 1e-6}
+        t = threshold_mid(xa.abs(), 0.5)
+        y0 = [torch.randn(n, generator=gen) * 10 for n in ns]
+        outs = [v.to(dev) for v in y0]
+        kc.sparse_gemv_group([w.to(dev) for w in ws], g.to(dev), [t] * 3, outs,
+                             scales=[None if sc is None else sc.to(dev) for sc in scs],
+                             accumulate=True, **kw)
+        single = y0[0].to(dev)
+        kc.sparse_gemv(ws[0].to(dev), g.to(dev), t, out=single, accumulate=True,
+                       scales=None if scs[0] is None else scs[0].to(dev), **kw)
+        torch.cuda.synchronize()
+        for j, (w, sc) in enumerate(zip(ws, scs)):
+            ref = y0[j].double() + reference(w, xa, t, scales=sc)
+            bound = 2 * abs_bound(w, xa, t, scales=sc) + 2 * U32 * ref.abs()
+            check(outs[j], ref, bound)
+            if j == 0:
+                check(single, ref, bound)
+    # K = 0: nothing to add, the output is left as it was.
+    out = torch.randn(8, generator=gen).to(dev)
+    before = out.clone()
+    kc.sparse_gemv(torch.zeros(0, 8, device=dev).half(), torch.zeros(0, device=dev), 0.5,
+                   out=out, accumulate=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out, before)
+
+
 @on_gpu
 def test_group_and_gate_reject_bad_arguments(gen):
     dev = torch.device("cuda")
@@ -421,6 +491,20 @@ def test_group_and_gate_reject_bad_arguments(gen):
         kc.sparse_gemv(w, x, 0.5, up=x, act="relu")
     with pytest.raises(ValueError, match="act needs up"):
         kc.sparse_gemv(w, x, 0.5, act="silu")
+    nw = torch.ones(64, device=dev)
+    with pytest.raises(ValueError, match="either gated"):
+        kc.sparse_gemv(w, x, 0.5, up=x, act="silu", norm=nw)
+    with pytest.raises(ValueError, match="eps"):
+        kc.sparse_gemv(w, x, 0.5, norm=nw, eps=-1.0)
+    with pytest.raises(ValueError, match="norm must have shape"):
+        kc.sparse_gemv(w, x, 0.5, norm=torch.ones(63, device=dev))
+    with pytest.raises(ValueError, match="give every out"):
+        kc.sparse_gemv(w, x, 0.5, accumulate=True)
+    with pytest.raises(ValueError, match="default launch"):
+        kc.sparse_gemv(w, x, 0.5, norm=nw, variant=1)
+    buf = torch.zeros(192, device=dev)  # x and the output in one buffer: a race, refused
+    with pytest.raises(ValueError, match="overlap"):
+        kc.sparse_gemv(w, buf[:64], 0.5, out=buf[32:160])
 
 
 # ---- residual add + RMS norm --------------------------------------------------------------------

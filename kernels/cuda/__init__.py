@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -134,6 +135,14 @@ class _Segment(ctypes.Structure):
                 ("threshold", ctypes.c_void_p), ("y", ctypes.c_void_p), ("n", ctypes.c_int)]
 
 
+class _Input(ctypes.Structure):
+    """sparsify_gemv_input (sparse_gemv.h)."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("x_up", ctypes.c_void_p), ("act", ctypes.c_int),
+                ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
+                ("accumulate", ctypes.c_int)]
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, z, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_float
     lib.sparsify_gemv_workspace_bytes.argtypes = [i, i]
@@ -143,6 +152,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # wtype, segments, nseg, x, x_up, act, k, workspace, workspace_bytes, stream
     lib.sparsify_gemv_group.argtypes = [i, ctypes.POINTER(_Segment), i, p, p, i, i, p, z, p]
     lib.sparsify_gemv_group.restype = i
+    # wtype, segments, nseg, input, k, workspace, workspace_bytes, stream
+    lib.sparsify_gemv_group_ex.argtypes = [i, ctypes.POINTER(_Segment), i,
+                                           ctypes.POINTER(_Input), i, p, z, p]
+    lib.sparsify_gemv_group_ex.restype = i
     # h, r, post_w, w, x, d, eps, stream
     lib.sparsify_add_rms_norm.argtypes = [p, p, p, p, p, i, f, p]
     lib.sparsify_add_rms_norm.restype = i
@@ -282,6 +295,14 @@ def _check_gate(up: torch.Tensor | None, act: str | None, k: int, dev: torch.dev
     return ACTS[act]
 
 
+def _overlap(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """True when the memory of ``a`` and ``b`` (contiguous) intersects."""
+    if b is None:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
@@ -303,6 +324,9 @@ def sparse_gemv(
     workspace: torch.Tensor | None = None,
     up: torch.Tensor | None = None,
     act: str | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    accumulate: bool = False,
     variant: int = 0,
     blocks_per_sm: int = 0,
 ) -> torch.Tensor:
@@ -321,6 +345,10 @@ def sparse_gemv(
             grown outside graph capture. Concurrent streams need their own.
         up, act: gated input: with ``up`` (K,) float32 and ``act`` "silu" or "gelu_tanh", the
             input is ``act(x) * up`` (computed in the kernel, thresholded as the input).
+        norm, eps: normed input: with ``norm`` (K,) float32 the input is the RMS norm
+            ``x * rsqrt(mean(x^2) + eps) * norm`` (computed in the kernel; exclusive with ``up``).
+        accumulate: add the result into ``out`` (which must then be given and hold values)
+            instead of overwriting it: a residual add inside the projection.
         variant, blocks_per_sm: launch configuration for benchmarks (see sparse_gemv.h); plain
             inputs only.
 
@@ -328,15 +356,18 @@ def sparse_gemv(
         ``out``: (N,) float32. Launched asynchronously on torch's current stream of ``w``'s
         device; no host synchronisation.
     """
-    if up is not None or act is not None:
-        _check(variant == 0 and blocks_per_sm == 0, "a gated input runs the default launch")
+    if up is not None or act is not None or norm is not None or accumulate:
+        _check(variant == 0 and blocks_per_sm == 0,
+               "a gated or normed input, or accumulate, runs the default launch")
         return sparse_gemv_group([w], x, [threshold], [out],
                                  factors=[factor], scales=[scales], up=up, act=act,
+                                 norm=norm, eps=eps, accumulate=accumulate,
                                  workspace=workspace)[0]
     k, n = _check_weights(w)
     dev = w.device
     _check_vec(x, "x", (k,), dev)
     threshold, out = _check_segment(w, threshold, factor, scales, out, dev)
+    _check(not _overlap(out, x), "out must not overlap the input x")
     if workspace is None:
         workspace = _default_workspace(k, n, dev)
     else:
@@ -362,13 +393,17 @@ def sparse_gemv_group(
     scales: list[torch.Tensor | None] | None = None,
     up: torch.Tensor | None = None,
     act: str | None = None,
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+    accumulate: bool = False,
     workspace: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Several ``sparse_gemv`` products of one input in one launch (at most ``MAX_SEGMENTS``).
 
     Segment j is ``y_j = w_j^T (x * keep_j)`` with its own (K, N_j) weights (all the same dtype
     and K), threshold, factor and int8 scales; ``outs[j]`` (N_j,) float32 or None (allocated).
-    ``up``/``act`` make the shared input gated as in :func:`sparse_gemv`. Returns the outputs.
+    ``up``/``act`` make the shared input gated, ``norm``/``eps`` RMS-normed, and ``accumulate``
+    adds into the outputs, as in :func:`sparse_gemv`. Returns the outputs.
     """
     nseg = len(ws)
     _check(1 <= nseg <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, got {nseg}")
@@ -386,12 +421,20 @@ def sparse_gemv_group(
         _check(kj == k, f"ws[{j}] has K={kj}, ws[0] K={k}")
     _check_vec(x, "x", (k,), dev)
     code = _check_gate(up, act, k, dev)
+    if norm is not None:
+        _check(up is None, "an input is either gated (up) or normed (norm), not both")
+        _check_vec(norm, "norm", (k,), dev)
+        _check(math.isfinite(eps) and eps >= 0.0, f"eps must be finite and >= 0, got {eps}")
+    if accumulate:
+        _check(all(o is not None for o in outs), "accumulate adds into outs: give every out")
     segs = (_Segment * nseg)()
     checked_thr = []
     for j, w in enumerate(ws):
         t, o = _check_segment(w, thresholds[j], factors[j], scales[j], outs[j], dev)
         checked_thr.append(t)  # keeps a temporary threshold alive through the launch
         outs[j] = o
+        _check(not any(_overlap(o, t) for t in (x, up, norm)),
+               f"outs[{j}] must not overlap the input (x, up or norm)")
         segs[j] = _Segment(w.data_ptr(), _ptr(scales[j]), _ptr(factors[j]), t.data_ptr(),
                            o.data_ptr(), int(w.shape[1]))
     ns = [int(w.shape[1]) for w in ws]
@@ -403,8 +446,9 @@ def sparse_gemv_group(
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.sparsify_gemv_group(_WTYPE[ws[0].dtype], segs, nseg, x.data_ptr(), _ptr(up),
-                                     code, k, workspace.data_ptr(), workspace.numel(), stream)
+        inp = _Input(x.data_ptr(), _ptr(up), code, _ptr(norm), float(eps), int(bool(accumulate)))
+        rc = lib.sparsify_gemv_group_ex(_WTYPE[ws[0].dtype], segs, nseg, ctypes.byref(inp), k,
+                                        workspace.data_ptr(), workspace.numel(), stream)
     _raise_on(rc, f"sparse_gemv_group launch (K={k}, N={ns}, {ws[0].dtype})")
     return outs
 

@@ -224,6 +224,9 @@ struct Params {
   const float *x;
   const float *x_up;  // gated input: x[i] := act(x[i]) * x_up[i]; null for a plain input
   int act;            // SPARSIFY_GEMV_ACT_*
+  const float *norm_w;  // normed input: x[i] := x[i] * rsqrt(mean(x^2) + eps) * norm_w[i]
+  float norm_eps;
+  int accumulate;     // y += result instead of y = result
   int k;
   int rows_per_block;
   float *partial;      // (splits, ld) float32, ticket reduction only
@@ -239,6 +242,31 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
   const float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
   const float inner = kBeta * (g + 0.044715f * g * g * g);
   return 0.5f * g * (1.0f + tanhf(inner)) * u;
+}
+
+// Normed input: rsqrt(mean(x^2) + eps) over all K inputs, the same value in every thread and
+// every block: each block sums the whole x itself in one fixed order (thread-strided partial
+// sums, lanes by butterfly, warps in index order), so the blocks agree bit for bit without
+// talking to each other. For K = 4096 that is 16 KB of L2 reads per block, issued together with
+// the block's own inputs, instead of a norm kernel (and its launch) before this one. `red`
+// holds one float per warp; the barrier inside makes the call block-wide.
+__device__ __forceinline__ float rms_scale(const float *x, int k, float eps, float *red) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  float ss = 0.0f;
+#pragma unroll 16
+  for (int i = threadIdx.x; i < k; i += kThreads) {
+    const float v = __ldg(x + i);
+    ss = fmaf(v, v, ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  float total = red[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) total += red[w];
+  return rsqrtf(total * (1.0f / static_cast<float>(k)) + eps);
 }
 
 // Resident blocks per multiprocessor the register budget is held to: four for the 2-byte
@@ -287,7 +315,7 @@ __device__ __forceinline__ void consume(const Frag<W, VEC> (&frag)[UNROLL],
 // every thread around a relaxed atomic); PIPE two batches of UNROLL in registers, the next one's
 // loads issued before the current one is decoded, so that decoding never leaves a lane with no
 // load in flight.
-template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE>
+template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE, bool NORM>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
@@ -300,6 +328,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
     float red[kWarps][TN];
   } sm;
   __shared__ int warp_count[2][kWarps];
+  __shared__ float warp_ss[kWarps];
   __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
   __shared__ unsigned ticket;
 
@@ -354,6 +383,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
   const float thr = __ldg(sg.threshold);
+  // Normed input: the RMS scale of the whole x, computed in the first pass below (its loads
+  // then share one L2 round trip with the pass's own inputs).
+  float nscale = 1.0f;
 
   float acc[VEC];
 #pragma unroll
@@ -373,9 +405,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       const int i = c0 + q * kThreads + tid;
       const bool in = i < c1;
       xr[q] = in ? __ldg(p.x + i) : 0.0f;
-      ur[q] = (in && p.x_up != nullptr) ? __ldg(p.x_up + i) : 0.0f;
+      // up (gated input) or the norm weight (normed input): a launch has at most one of them
+      const float *second = NORM ? p.norm_w : p.x_up;
+      ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
       fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
     }
+    if (NORM && c0 == k_begin) nscale = rms_scale(p.x, p.k, p.norm_eps, warp_ss);
     int nact = 0;
 #pragma unroll
     for (int q = 0; q < kRounds; ++q) {
@@ -385,7 +420,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       float xi = xr[q];
       bool keep = false;
       if (i < c1) {
-        if (p.x_up != nullptr) xi = gated(xi, ur[q], p.act);
+        if (NORM) {
+          xi = xi * nscale * ur[q];  // the order of add_rms_norm: h[i] * s * w[i]
+        } else if (p.x_up != nullptr) {
+          xi = gated(xi, ur[q], p.act);
+        }
         float score = fabsf(xi);
         if (sg.factor != nullptr) score *= fr[q];
         keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
@@ -464,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
     for (int w = 0; w < kWarps; ++w) s += sm.red[w][cc];
     const int n = ltile * TN + cc;
     if (splits == 1) {
-      if (n < sg.n) sg.y[n] = s;
+      if (n < sg.n) sg.y[n] = p.accumulate ? sg.y[n] + s : s;
     } else if (RED == kTicket) {
       __stcg(p.partial + static_cast<size_t>(split) * p.ld + tile * TN + cc, s);
     } else {
@@ -525,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
 #pragma unroll
       for (int gg = 0; gg < G; ++gg) s += sm.red[gg][cc];
       const int n = ltile * TN + cc;
-      if (n < sg.n) sg.y[n] = s;
+      if (n < sg.n) sg.y[n] = p.accumulate ? sg.y[n] + s : s;
     }
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -540,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       float s = 0.0f;
       for (int b = 0; b < splits; ++b) s += cluster.map_shared_rank(csum, b)[cc];
       const int n = ltile * TN + cc;
-      if (n < sg.n) sg.y[n] = s;
+      if (n < sg.n) sg.y[n] = p.accumulate ? sg.y[n] + s : s;
     }
     cluster.sync();  // no block may exit while another still reads its shared memory
 #endif
@@ -582,6 +621,9 @@ struct Args {
   const float *x;
   const float *x_up;
   int act;
+  const float *norm_w;
+  float norm_eps;
+  int accumulate;
   int k;
   void *workspace;
   size_t workspace_bytes;
@@ -592,11 +634,12 @@ struct Args {
   int prefetch_q;  // L2 prefetch before the wait, in quarters of kPrefetchBytesPerSM
 };
 
-template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false>
+template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false,
+          bool NORM = false>
 cudaError_t launch(const Args &a) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
-  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE>;
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM>;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -647,6 +690,9 @@ cudaError_t launch(const Args &a) {
   p.x = a.x;
   p.x_up = a.x_up;
   p.act = a.act;
+  p.norm_w = a.norm_w;
+  p.norm_eps = a.norm_eps;
+  p.accumulate = a.accumulate;
   p.k = a.k;
   p.rows_per_block = rows;
   // Rows per block so that the resident blocks of one SM prefetch the budget together.
@@ -692,9 +738,13 @@ bool aligned(const void *p, size_t b) { return reinterpret_cast<uintptr_t>(p) % 
 template <int W>
 cudaError_t dispatch(const Args &a, int variant) {
   if (a.k < 0 || a.nseg < 1 || a.nseg > kMaxSegs) return cudaErrorInvalidValue;
-  if (a.x == nullptr || !aligned(a.x, 4) || !aligned(a.x_up, 4) || !aligned(a.workspace, 16)) {
+  // K = 0 reads no input and no weights: empty arrays may come as null pointers.
+  if ((a.x == nullptr && a.k > 0) || !aligned(a.x, 4) || !aligned(a.x_up, 4) ||
+      !aligned(a.norm_w, 4) || !aligned(a.workspace, 16)) {
     return cudaErrorInvalidValue;
   }
+  if (a.x_up != nullptr && a.norm_w != nullptr) return cudaErrorInvalidValue;
+  if (a.norm_w != nullptr && !(a.norm_eps >= 0.0f)) return cudaErrorInvalidValue;
   if (a.x_up != nullptr && a.act != SPARSIFY_GEMV_ACT_SILU &&
       a.act != SPARSIFY_GEMV_ACT_GELU_TANH) {
     return cudaErrorInvalidValue;
@@ -706,8 +756,10 @@ cudaError_t dispatch(const Args &a, int variant) {
     const sparsify_gemv_segment &s = a.seg[i];
     if (s.n < 0) return cudaErrorInvalidValue;
     if (s.n == 0) continue;  // nothing to write, nothing read
-    if (s.w == nullptr || s.threshold == nullptr || s.y == nullptr) return cudaErrorInvalidValue;
-    if (W == kI8 && s.scales == nullptr) return cudaErrorInvalidValue;
+    if ((s.w == nullptr && a.k > 0) || s.threshold == nullptr || s.y == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    if (W == kI8 && s.scales == nullptr && a.k > 0) return cudaErrorInvalidValue;
     if (!aligned(s.y, 4) || !aligned(s.threshold, 4) || !aligned(s.factor, 4) ||
         !aligned(s.scales, 4) || !aligned(s.w, Elem<W>::kBytes)) {
       return cudaErrorInvalidValue;
@@ -723,6 +775,7 @@ cudaError_t dispatch(const Args &a, int variant) {
     if (a.seg[i].n > 0) b.seg[b.nseg++] = a.seg[i];
   }
   if (a.k == 0) {
+    if (a.accumulate) return cudaSuccess;  // y += 0
     for (int i = 0; i < b.nseg; ++i) {
       cudaError_t e = cudaMemsetAsync(b.seg[i].y, 0, static_cast<size_t>(b.seg[i].n) * 4,
                                       a.stream);
@@ -741,6 +794,12 @@ cudaError_t dispatch(const Args &a, int variant) {
   b.waves = 1;
   b.prefetch_q = 0;
 
+  // A normed input runs its own instantiation of the default launch (the norm's extra live
+  // values would otherwise push every launch's registers into local memory), for any variant.
+  if (b.norm_w != nullptr) {
+    if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
+    return launch<W, VEC, 4, true, kTicket, true, true, true>(b);
+  }
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
   // Default: two batches of four 16-byte loads per lane, the next batch in flight while the
   // current one is decoded (run H4: 0.3-1.4 us faster than eight loads issued and then decoded,
@@ -829,21 +888,36 @@ cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, c
   return dispatch_any(wtype, a, variant);
 }
 
-cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, int nseg,
-                                const float *x, const float *x_up, int act, int k,
-                                void *workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (segs == nullptr || nseg < 1 || nseg > kMaxSegs) return cudaErrorInvalidValue;
+cudaError_t sparsify_gemv_group_ex(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                   const sparsify_gemv_input *in, int k, void *workspace,
+                                   size_t workspace_bytes, cudaStream_t stream) {
+  if (segs == nullptr || in == nullptr || nseg < 1 || nseg > kMaxSegs) {
+    return cudaErrorInvalidValue;
+  }
   Args a = {};
   for (int i = 0; i < nseg; ++i) a.seg[i] = segs[i];
   a.nseg = nseg;
-  a.x = x;
-  a.x_up = x_up;
-  a.act = act;
+  a.x = in->x;
+  a.x_up = in->x_up;
+  a.act = in->act;
+  a.norm_w = in->norm_w;
+  a.norm_eps = in->norm_eps;
+  a.accumulate = in->accumulate != 0;
   a.k = k;
   a.workspace = workspace;
   a.workspace_bytes = workspace_bytes;
   a.stream = stream;
   return dispatch_any(wtype, a, 0);
+}
+
+cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                const float *x, const float *x_up, int act, int k,
+                                void *workspace, size_t workspace_bytes, cudaStream_t stream) {
+  sparsify_gemv_input in = {};
+  in.x = x;
+  in.x_up = x_up;
+  in.act = act;
+  return sparsify_gemv_group_ex(wtype, segs, nseg, &in, k, workspace, workspace_bytes, stream);
 }
 
 cudaError_t sparsify_gemv_f16(const void *w, const float *x, const float *factor,

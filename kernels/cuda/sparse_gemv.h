@@ -152,6 +152,38 @@ cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, in
                                 const float *x, const float *x_up, int act, int k,
                                 void *workspace, size_t workspace_bytes, cudaStream_t stream);
 
+/*
+ * The grouped launch with the rest of a pre-norm decoder block folded in, so that a block
+ * needs no separate norm kernel between its GEMVs:
+ *
+ * Normed input: with norm_w != NULL the input channel is
+ *     x'[i] = x[i] * s * norm_w[i],    s = rsqrt(sum_j x[j]^2 / K + norm_eps)
+ * (RMS norm over all K inputs, float32, the factors in this order), and the score, threshold
+ * compare and product all use x'. The scale s is computed by every block of the launch in one
+ * fixed order, so it is deterministic and the same for all outputs. x is then typically the
+ * residual stream itself. Exclusive with the gated input (both set: cudaErrorInvalidValue);
+ * norm_eps must be >= 0.
+ *
+ * Accumulate: with accumulate != 0 every segment's output becomes y_s[n] += result[n] (y_s must
+ * hold valid values before the launch), e.g. the residual add of an attention-output or FFN-down
+ * projection straight into the residual stream. y_s must not overlap x, x_up or norm_w.
+ *
+ * Everything else (layout, workspace, determinism, streams, NaN policy) is as for
+ * sparsify_gemv_group, which is this call with norm_w = NULL and accumulate = 0.
+ */
+typedef struct {
+  const float *x;       /* (K,) input */
+  const float *x_up;    /* (K,) gated input's up, or NULL */
+  int act;              /* SPARSIFY_GEMV_ACT_* of the gated input */
+  const float *norm_w;  /* (K,) RMS-norm weight of a normed input, or NULL */
+  float norm_eps;       /* RMS-norm epsilon */
+  int accumulate;       /* nonzero: add the result into y instead of storing it */
+} sparsify_gemv_input;
+
+cudaError_t sparsify_gemv_group_ex(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                   const sparsify_gemv_input *in, int k, void *workspace,
+                                   size_t workspace_bytes, cudaStream_t stream);
+
 /* Human-readable text for an error code returned above. */
 const char *sparsify_gemv_error_string(cudaError_t err);
 
