@@ -9,7 +9,8 @@ the sequences, the length of the common prefix and, where they part, torch's own
 at that step, and the teacher-forced agreement (the engine fed torch's sequence).
 
 Usage: python scripts/consistency_cuda.py OUT.json [--tokens 64] [--formats fp16 bf16 int8]
-       python scripts/consistency_cuda.py --table RECORD.json OUT.md   (the markdown summary)
+       python scripts/consistency_cuda.py --table RECORD.json [RECORD.json ...] OUT.md
+           (the markdown summary of one or more records)
 """
 
 from __future__ import annotations
@@ -45,23 +46,22 @@ def torch_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     return out, np.stack(logits)
 
 
-def write_table(record_path: str, out: str) -> None:
-    """Markdown summary of a record: per model, format and level, the common prefix per prompt."""
-    rec = json.loads(Path(record_path).read_text())
+def write_table(record_paths: list[str], out: str) -> None:
+    """Markdown summary of records (one card): per record, model, format and level, the common
+    prefix per prompt."""
+    recs = [(Path(p).name, json.loads(Path(p).read_text())) for p in record_paths]
+    rec = recs[0][1]
     lines = [f"# GPU decode against the torch forward ({rec['device']}, driver "
              f"{rec.get('driver', '?')}, torch {rec['torch']})", "",
              f"Greedy continuations of {rec['rows'][0]['tokens']} tokens from 3 prompts, made by "
-             "`scripts/consistency_cuda.py`; the record is `consistency_cuda_"
-             f"{re.sub(r'[^A-Za-z0-9]+', '-', rec['device']).strip('-')}.json`. Each cell: "
+             "`scripts/consistency_cuda.py`; the record of each row is named in its first "
+             "column, with the time of its run. Each cell: "
              "tokens equal before the first difference, per prompt, and in brackets torch's "
              "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
              "weights; 'rounded': torch over the engine's rounded weights. Teacher-forced: "
              "steps where the engine, fed torch's (float32) sequence, picks torch's token.", "",
-             "| model | format | level | vs float32 | vs rounded | teacher-forced |",
-             "|---|---|---|---|---|---|"]
-    groups: dict = {}
-    for r in rec["rows"]:
-        groups.setdefault((r["model"], r["format"], r["level"]), []).append(r)
+             "| record | model | format | level | vs float32 | vs rounded | teacher-forced |",
+             "|---|---|---|---|---|---|---|"]
 
     def cell(rows, key):
         out = []
@@ -71,17 +71,21 @@ def write_table(record_path: str, out: str) -> None:
             out.append(f"{x['equal_prefix']}" + ("" if m is None else f" ({m:.2f})"))
         return ", ".join(out)
 
-    for (model, fmt, level), rows in groups.items():
-        tf = sum(r["float32"]["teacher_forced_agree"] for r in rows)
-        n = sum(r["tokens"] for r in rows)
-        lines.append(f"| {model} | {fmt} | {level:g} | {cell(rows, 'float32')} | "
-                     f"{cell(rows, 'rounded')} | {tf}/{n} |")
+    for name, r0 in recs:
+        groups: dict = {}
+        for r in r0["rows"]:
+            groups.setdefault((r["model"], r["format"], r["level"]), []).append(r)
+        for (model, fmt, level), rows in groups.items():
+            tf = sum(r["float32"]["teacher_forced_agree"] for r in rows)
+            n = sum(r["tokens"] for r in rows)
+            lines.append(f"| {name} ({r0['when'][:16]}Z) | {model} | {fmt} | {level:g} | "
+                         f"{cell(rows, 'float32')} | {cell(rows, 'rounded')} | {tf}/{n} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--table":
-        write_table(sys.argv[2], sys.argv[3])
+    if len(sys.argv) >= 4 and sys.argv[1] == "--table":
+        write_table(sys.argv[2:-1], sys.argv[-1])
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
