@@ -413,7 +413,7 @@ class CUDAEngine:
         self.pos.add_(1)
 
     def _decode_fused(self) -> None:
-        """_decode in seven launches per block on the decode kernels (same formulas).
+        """_decode in seven launches per block, five with ``fold_norms``, on the decode kernels.
 
         Per block: h += (previous f, post-normed on gemma), x = rms_norm(h); q/k/v GEMVs in one
         launch; attention (q/k norm, RoPE at pos, cache write, softmax over visible keys);
