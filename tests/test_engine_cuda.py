@@ -158,12 +158,12 @@ def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engine
 
     The torch model runs over the engine's rounded weights (see engine_cuda.rounded_model), so
     what is left is float32 summation order and entries within rounding of a threshold, which
-    one side keeps and the other drops; such a flip then propagates through the KV cache. So the engine
-    is fed torch's greedy sequence (teacher forcing) and must pick torch's token at every step
-    except at most a fifth of them, each where torch's own top-2 logits are within 1.0 (the CPU
-    engine's measured tolerance for the same effect). Free-running greedy may leave torch's sequence only
-    at such a near-tie (a tied head stays float32 in the model, so its logits also differ by
-    fp16 rounding).
+    one side keeps and the other drops; such a flip then propagates through the KV cache. So the
+    engine is fed torch's greedy sequence (teacher forcing) and must pick torch's token at every
+    step except at most a fifth of them, each where torch's own top-2 logits are within 1.0 (the
+    CPU engine's measured tolerance for the same effect). Free-running greedy may leave torch's
+    sequence only at such a near-tie (a tied head stays float32 in the model, so its logits also
+    differ by fp16 rounding).
     """
     loaded = models(name)
     ids = _prompt(loaded)
