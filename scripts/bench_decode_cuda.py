@@ -97,8 +97,8 @@ def fused_failures(junit: Path) -> list[str]:
 
 def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int,
         kernels: bool, table_path: Path | None, small: bool,
-        formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variant: int = 0,
-        ab_formats: tuple[str, ...] = (), ab_env: str | None = None) -> None:
+        formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variants: tuple[int, ...] = (),
+        ab_formats: tuple[str, ...] = (), ab_envs: tuple[str, ...] = ()) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -180,15 +180,13 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
         bench_one(str(big), tab, levels, fmt, out, tokens, repeats, "synthetic-llama3-8b")
     # A/B inside the whole step, in this process and on this card: the same decode with every
     # default GEMV launch switched to another launch variant (SPARSIFY_GEMV_VARIANT,
-    # sparse_gemv.h), and/or with one engine setting of the environment changed (e.g.
-    # SPARSIFY_CUDA_FOLD_NORMS=0). The record says what it ran.
-    settings = {}
-    if ab_variant:
-        settings["SPARSIFY_GEMV_VARIANT"] = str(ab_variant)
-    if ab_env:
-        name, _, value = ab_env.partition("=")
-        settings[name] = value
-    if settings:
+    # sparse_gemv.h), or with one engine setting of the environment changed (e.g.
+    # SPARSIFY_CUDA_FOLD_NORMS=0), one setting at a time. The record says what it ran.
+    runs = [{"SPARSIFY_GEMV_VARIANT": str(v)} for v in ab_variants if v]
+    for setting in ab_envs:
+        name, _, value = setting.partition("=")
+        runs.append({name: value})
+    for settings in runs:
         os.environ.update(settings)
         tag = "_".join(re.sub(r"[^A-Za-z0-9]+", "", f"{k.split('_')[-1]}{v}").lower()
                        for k, v in settings.items())
@@ -201,8 +199,8 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
             if path is not None:
                 rec = json.loads(path.read_text())
                 rec["environment"] = settings
-                if ab_variant:
-                    rec["gemv_variant"] = ab_variant
+                if "SPARSIFY_GEMV_VARIANT" in settings:
+                    rec["gemv_variant"] = int(settings["SPARSIFY_GEMV_VARIANT"])
                 path.write_text(json.dumps(rec, indent=1))
         for k in settings:
             del os.environ[k]
@@ -288,19 +286,21 @@ def main() -> None:
     r.add_argument("--no-small", action="store_true", help="skip the small smoke-test model")
     r.add_argument("--formats", default="fp16,int8,bf16",
                    help="comma-separated weight formats to benchmark, in order")
-    r.add_argument("--ab-variant", type=int, default=0,
-                   help="then benchmark --ab-formats again with this GEMV launch variant")
+    r.add_argument("--ab-variant", type=int, action="append", default=[],
+                   help="then benchmark --ab-formats again with this GEMV launch variant "
+                        "(repeatable: one run per variant)")
     r.add_argument("--ab-formats", default="fp16")
-    r.add_argument("--ab-env", default=None, metavar="NAME=VALUE",
-                   help="then benchmark --ab-formats again with this environment setting")
+    r.add_argument("--ab-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="then benchmark --ab-formats again with this environment setting "
+                        "(repeatable: one run per setting)")
     t = sub.add_parser("table", help="markdown table from JSON records")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "run":
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
-            not a.no_small, tuple(f for f in a.formats.split(",") if f), a.ab_variant,
-            tuple(f for f in a.ab_formats.split(",") if f), a.ab_env)
+            not a.no_small, tuple(f for f in a.formats.split(",") if f), tuple(a.ab_variant),
+            tuple(f for f in a.ab_formats.split(",") if f), tuple(a.ab_env))
     else:
         items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
         a.output.write_text(markdown(items))

@@ -795,9 +795,11 @@ cudaError_t dispatch(const Args &a, int variant) {
   b.prefetch_q = 0;
 
   // A normed input runs its own instantiation of the default launch (the norm's extra live
-  // values would otherwise push every launch's registers into local memory), for any variant.
+  // values would otherwise push every launch's registers into local memory), for any variant;
+  // only the prefetch of variants 11 and 12, a launch parameter, carries over to it.
   if (b.norm_w != nullptr) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
+    if (variant == 11 || variant == 12) b.prefetch_q = variant == 11 ? 4 : 8;
     return launch<W, VEC, 4, true, kTicket, true, true, true>(b);
   }
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
