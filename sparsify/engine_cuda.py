@@ -21,7 +21,12 @@ launches instead of about twenty (``fused=False``, or ``SPARSIFY_CUDA_FUSED=0`` 
 environment, keeps the torch glue). Where a block has no post-norms (llama), the two norms fold
 into the GEMVs as well: q/k/v and gate/up read the residual stream and RMS-norm it inside the
 kernel, attn_output and ffn_down add their result into it, so a block is five launches
-(``fold_norms=False``, or ``SPARSIFY_CUDA_FOLD_NORMS=0``, keeps the norm kernels).
+(``fold_norms=False``, or ``SPARSIFY_CUDA_FOLD_NORMS=0``, keeps the norm kernels). The
+q/k/v and gate/up launches also leave their K-splits unreduced, one row of partial sums per
+split, which the attention kernel and the ffn_down GEMV add while they read their input, so
+neither launch has a reduction tail (``defer=False``, or ``SPARSIFY_CUDA_DEFER=0``, keeps the
+reduction in the GEMV; it is kept anyway where a launch has more splits than
+``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -106,7 +111,8 @@ class CUDAEngine:
 
     def __init__(self, loaded, fmt: str = "fp16", max_len: int = 2048,
                  device: str | torch.device = "cuda", use_graph: bool = True,
-                 fused: bool | None = None, fold_norms: bool | None = None) -> None:
+                 fused: bool | None = None, fold_norms: bool | None = None,
+                 defer: bool | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -162,8 +168,47 @@ class CUDAEngine:
         # Gemma's post-norms need the RMS of a projection's whole output before the residual
         # add, which no single block of the GEMV has: those blocks keep the norm kernels.
         self.fold_norms = bool(fold_norms) and self.fused and not cfg.post_norms
+        if defer is None:
+            defer = os.environ.get("SPARSIFY_CUDA_DEFER", "1") != "0"
+        self._plan_deferred(bool(defer) and self.fused)
 
     # -- setup ------------------------------------------------------------------------------
+
+    # Deferred split-K reduction: the q/k/v and gate/up launches leave one row of partial sums
+    # per K-split, added by their consumer (the attention kernel; the ffn_down GEMV while it
+    # forms act(gate) * up), when there are at most this many rows.
+    MAX_QKV_PARTS = 24
+    MAX_FFN_PARTS = 8
+
+    def _plan_deferred(self, on: bool) -> None:
+        """Partial-output buffers for the q/k/v and gate/up launches (``defer_qkv`` /
+        ``defer_ffn`` say which are deferred; both off without the fused step)."""
+        self.defer_qkv = self.defer_ffn = False
+        if not on:
+            return
+        c, kc = self.cfg, self._kc
+        x = self.h if self.fold_norms else self.xn
+        parts = {}
+        for kind, n_max in (("qkv", self.MAX_QKV_PARTS), ("ffn", self.MAX_FFN_PARTS)):
+            seen = set()
+            for i in range(c.n_layer):
+                projs = self._groups(i)[0 if kind == "qkv" else 1]
+                norm = self.norms[f"blk.{i}." + ("attn_norm" if kind == "qkv" else "ffn_norm")]
+                seen.add(kc.group_splits([p.w for p in projs], x,
+                                         norm=norm if self.fold_norms else None))
+            if len(seen) == 1 and 1 < next(iter(seen)) <= n_max:
+                parts[kind] = next(iter(seen))
+        nq, nk = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        f, dev = torch.float32, self.device
+        if "qkv" in parts:
+            self.defer_qkv = True
+            self.qkv_parts = torch.zeros((parts["qkv"], self.qkv.numel()), dtype=f, device=dev)
+            qp = self.qkv_parts
+            self.qkv_part_views = [qp[:, :nq], qp[:, nq:nq + nk], qp[:, nq + nk:]]
+        if "ffn" in parts:
+            self.defer_ffn = True
+            self.gu_parts = torch.zeros((parts["ffn"], 2 * c.d_ff), dtype=f, device=dev)
+            self.gu_part_views = [self.gu_parts[:, :c.d_ff], self.gu_parts[:, c.d_ff:]]
 
     def _tensor(self, name: str) -> torch.Tensor:
         """A GGUF tensor as float32 on the device (numpy order: (out, in) for weights).
@@ -430,32 +475,37 @@ class CUDAEngine:
             h.mul_(c.embed_scale)
         r, post = None, None
         fold = self.fold_norms
+        # Deferred reductions: q/k/v and gate/up write their split rows, attention and ffn_down
+        # add them.
+        qkv, qkv_outs = ((self.qkv_parts, self.qkv_part_views) if self.defer_qkv
+                         else (self.qkv, self.qkv_views))
+        gu_outs = self.gu_part_views if self.defer_ffn else self.gu_views
         for i in range(c.n_layer):
             pre = f"blk.{i}."
             qkv_projs, gu_projs = self._groups(i)
             if fold:  # q/k/v norm the stream themselves
-                self._gemv_group(qkv_projs, h, self.qkv_views, norm=self.norms[pre + "attn_norm"])
+                self._gemv_group(qkv_projs, h, qkv_outs, norm=self.norms[pre + "attn_norm"])
             else:
                 K.add_rms_norm(h, r, self.norms[pre + "attn_norm"], eps, xn, post)
-                self._gemv_group(qkv_projs, xn, self.qkv_views)
+                self._gemv_group(qkv_projs, xn, qkv_outs)
             cos, sin = self.rope_tables[self._rope_key(i)]
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
-            K.attention_decode(self.qkv, self.kc[i], self.vc[i], self.pos, cos, sin,
+            K.attention_decode(qkv, self.kc[i], self.vc[i], self.pos, cos, sin,
                                self.rope_perm32, self.att, n_head=c.n_head, scale=c.attn_scale,
                                eps=eps, window=c.sliding_window if c.swa_layers[i] else 0,
                                q_norm=qn, k_norm=kn)
             if fold:  # attn_output adds into the stream, gate/up norm it
                 self._gemv(P[pre + "attn_output"], self.att, h, accumulate=True)
-                self._gemv_group(gu_projs, h, self.gu_views, norm=self.norms[pre + "ffn_norm"])
-                self._gemv(P[pre + "ffn_down"], self.gu_views[0], h, up=self.gu_views[1],
+                self._gemv_group(gu_projs, h, gu_outs, norm=self.norms[pre + "ffn_norm"])
+                self._gemv(P[pre + "ffn_down"], gu_outs[0], h, up=gu_outs[1],
                            act=c.activation, accumulate=True)
                 continue
             self._gemv(P[pre + "attn_output"], self.att, self.obuf)
             K.add_rms_norm(h, self.obuf, self.norms[pre + "ffn_norm"], eps, xn,
                            self.norms[pre + "post_attention_norm"] if c.post_norms else None)
-            self._gemv_group(gu_projs, xn, self.gu_views)
-            self._gemv(P[pre + "ffn_down"], self.gu_views[0], self.fbuf, up=self.gu_views[1],
+            self._gemv_group(gu_projs, xn, gu_outs)
+            self._gemv(P[pre + "ffn_down"], gu_outs[0], self.fbuf, up=gu_outs[1],
                        act=c.activation)
             r = self.fbuf
             post = self.norms[pre + "post_ffw_norm"] if c.post_norms else None
@@ -736,6 +786,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,
         "glue_ms_per_step": glue, "fused": engine.fused, "fold_norms": engine.fold_norms,
+        "deferred_reduction": {"qkv": engine.defer_qkv, "ffn": engine.defer_ffn},
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},

@@ -245,8 +245,8 @@ def test_dense_bytes_and_bad_input(models, engines):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
 def test_fused_step_follows_torch_glue(models):
-    """The fused step and the torch glue (the same GEMV kernel for every projection) agree
-    densely: same greedy tokens, logits within float32 summation-order noise. (Sparse levels
+    """The fused step (norms folded or not, split-K reductions deferred or not) and the torch
+    glue (the same GEMV kernel for every projection) agree densely: same greedy tokens, logits within float32 summation-order noise. (Sparse levels
     are held to the masked torch model above; here a channel within rounding of its threshold
     could legitimately flip between the two glues.)"""
     from sparsify.engine_cuda import CUDAEngine
@@ -257,12 +257,18 @@ def test_fused_step_follows_torch_glue(models):
     folded = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True)
     unfolded = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True,
                           fold_norms=False)
+    # Reduced: the split-K sums of q/k/v and gate/up added inside their GEMVs, not by the
+    # attention kernel and ffn_down.
+    reduced = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=True, defer=False)
     glue = CUDAEngine(loaded, fmt="fp16", max_len=96, device=DEVICE, fused=False)
     assert folded.fused and folded.fold_norms
+    assert folded.defer_qkv and folded.defer_ffn and unfolded.defer_qkv and unfolded.defer_ffn
+    assert folded.qkv_parts.shape[0] > 1 and folded.gu_parts.shape[0] > 1
     assert unfolded.fused and not unfolded.fold_norms
-    assert not glue.fused and not glue.fold_norms
+    assert reduced.fused and reduced.fold_norms and not (reduced.defer_qkv or reduced.defer_ffn)
+    assert not glue.fused and not glue.fold_norms and not (glue.defer_qkv or glue.defer_ffn)
     runs = []
-    for eng in (folded, unfolded, glue):
+    for eng in (folded, unfolded, reduced, glue):
         eng.set_thresholds(None)
         toks = eng.generate(ids, 24)
         runs.append((toks, eng.logits.cpu().clone()))

@@ -507,6 +507,136 @@ def test_group_and_gate_reject_bad_arguments(gen):
         kc.sparse_gemv(w, buf[:64], 0.5, out=buf[32:160])
 
 
+# ---- deferred split-K reduction (partial rows out, partial rows in) ------------------------------
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["plain", "normed"])
+@pytest.mark.parametrize("kns", [(4096, (4096, 1024, 1024)), (1537, (576, 33)), (577, (136,))],
+                         ids=lambda c: f"{c[0]}x{'-'.join(map(str, c[1]))}")
+def test_partial_outputs_add_up_to_reference(gen, dtype, mode, kns):
+    # Segments side by side in one (splits, width) buffer, as the engine lays out q/k/v: row s
+    # holds split s's sums; the rows add up to the product, and every row is written.
+    k, ns = kns
+    dev = torch.device("cuda")
+    ws, scs = zip(*(make_weights(gen, k, n, dtype) for n in ns))
+    x = torch.randn(k, generator=gen) * 3 + 0.25
+    nw = torch.rand(k, generator=gen) + 0.5
+    xa, kw = (x, {}) if mode == "plain" else (normed_input(x, nw, 1e-5),
+                                              {"norm": nw.to(dev), "eps": 1e-5})
+    thr = [threshold_mid(xa.abs(), s) for s in (0.5, 0.0, 0.9)[:len(ns)]]
+    wd = [w.to(dev) for w in ws]
+    splits = kc.group_splits(wd, x.to(dev), norm=kw.get("norm"))
+    assert splits >= 1
+    width = sum(ns) + 5  # a row stride wider than the rows
+    buf = torch.full((splits, width), float("nan"), device=dev)
+    offs = [sum(ns[:j]) for j in range(len(ns))]
+    outs = [buf[:, o:o + n] for o, n in zip(offs, ns)]
+    kc.sparse_gemv_group(wd, x.to(dev), thr, outs,
+                         scales=[None if sc is None else sc.to(dev) for sc in scs], **kw)
+    reduced = kc.sparse_gemv_group(wd, x.to(dev), thr,
+                                   scales=[None if sc is None else sc.to(dev) for sc in scs], **kw)
+    torch.cuda.synchronize()
+    assert bool(buf[:, sum(ns):].isnan().all()), "wrote past the segments"
+    for j, (w, sc) in enumerate(zip(ws, scs)):
+        rows = outs[j].double().cpu()
+        assert not rows.isnan().any(), f"segment {j}: a partial row was not written"
+        ref = reference(w, xa, thr[j], scales=sc)
+        bound = (2 if mode == "normed" else 1) * abs_bound(w, xa, thr[j], scales=sc)
+        check(rows.sum(0), ref, bound + splits * U32 * rows.abs().sum(0))
+        # Against the launch that reduces itself: only the order of the split additions differs.
+        check(reduced[j], rows.sum(0), splits * 4 * U32 * rows.abs().sum(0) + 1e-30)
+
+
+def partial_rows(gen, rows: int, k: int, scale: float = 1.0):
+    """(rows, k) views with a row stride wider than k, and their float32 sum in row order."""
+    buf = torch.randn(rows, 2 * k + 7, generator=gen) * scale
+    a, b = buf[:, :k], buf[:, k + 3:2 * k + 3]
+    sa, sb = a[0].clone(), b[0].clone()
+    for r in range(1, rows):
+        sa, sb = sa + a[r], sb + b[r]
+    return buf, a, b, sa, sb
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows", [2, 3, 5, 9])
+def test_partial_input_rows(gen, dtype, act, rows):
+    # The input as partial rows (plain, or gate and up for a gated input): the same product as
+    # one row holding their float32 sum in row order, bit for bit (same splits, same values).
+    dev = torch.device("cuda")
+    for k, n in ((1537, 1024), (577, 33), (4096, 512)):
+        w, sc = make_weights(gen, k, n, dtype)
+        buf, _, _, gs, us = partial_rows(gen, rows, k)
+        bd = buf.to(dev)
+        g2, u2 = bd[:, :k], bd[:, k + 3:2 * k + 3]
+        xa = gs if act is None else ref_ops.gated_input(gs, us, act)
+        for sparsity in (0.0, 0.5, 1.0):
+            t = threshold_mid(xa.abs(), sparsity)
+            out = torch.full((n,), float("nan"), device=dev)
+            sd = None if sc is None else sc.to(dev)
+            rows_kw = {} if act is None else {"up": u2, "act": act}
+            one_kw = {} if act is None else {"up": us.to(dev), "act": act}
+            kc.sparse_gemv_group([w.to(dev)], g2, [t], [out], scales=[sd], **rows_kw)
+            one = run(w, gs, t, scales=sc, **one_kw)
+            check(out, reference(w, xa, t, scales=sc), abs_bound(w, xa, t, scales=sc))
+            same_grid = (kc.group_splits([w.to(dev)], g2, **rows_kw)
+                         == kc.group_splits([w.to(dev)], gs.to(dev), **one_kw))
+            if same_grid:
+                assert torch.equal(out, one)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deferred_gate_up_feeds_down(gen, dtype):
+    # The engine's FFN chain: normed gate/up with partial outputs, then ffn_down adding the
+    # rows while it forms act(gate) * up; against the chain with both reductions in place.
+    dev = torch.device("cuda")
+    d, f = 1024, 2816
+    (wg, sg), (wu, su), (wdn, sdn) = (make_weights(gen, d, f, dtype), make_weights(gen, d, f, dtype),
+                                      make_weights(gen, f, d, dtype))
+    on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    h = (torch.randn(d, generator=gen) * 5).to(dev)
+    nw = (torch.rand(d, generator=gen) + 0.5).to(dev)
+    ws = [wg.to(dev), wu.to(dev)]
+    splits = kc.group_splits(ws, h, norm=nw)
+    gu = torch.full((splits, 2 * f), float("nan"), device=dev)
+    kc.sparse_gemv_group(ws, h, [0.3, 0.3], [gu[:, :f], gu[:, f:]], scales=[on(sg), on(su)],
+                         norm=nw, eps=1e-5)
+    g1, u1 = kc.sparse_gemv_group(ws, h, [0.3, 0.3], scales=[on(sg), on(su)], norm=nw, eps=1e-5)
+    y_def = kc.sparse_gemv(wdn.to(dev), gu[:, :f], 0.05, scales=on(sdn), up=gu[:, f:],
+                           act="silu")
+    y_red = kc.sparse_gemv(wdn.to(dev), g1, 0.05, scales=on(sdn), up=u1, act="silu")
+    torch.cuda.synchronize()
+    assert splits > 1 and not gu.isnan().any()
+    # Channels within rounding of the threshold could flip; none do at these random values
+    # unless the sums differ grossly. The outputs differ only by the split order's rounding.
+    err = float((y_def - y_red).abs().max() / y_red.abs().max())
+    assert err < 1e-5, err
+
+
+@on_gpu
+def test_partial_rows_reject_bad_arguments(gen):
+    dev = torch.device("cuda")
+    w = torch.randn(64, 128, device=dev).half()
+    x = torch.randn(64, device=dev)
+    s = kc.group_splits([w], x)
+    with pytest.raises(ValueError, match="rows"):
+        kc.sparse_gemv_group([w], x, [0.5], [torch.zeros(s + 1, 128, device=dev)])
+    with pytest.raises(ValueError, match="no accumulate"):
+        kc.sparse_gemv_group([w], x, [0.5], [torch.zeros(s, 128, device=dev)], accumulate=True)
+    rows = torch.randn(3, 64, device=dev)
+    with pytest.raises(ValueError, match="normed input"):
+        kc.sparse_gemv_group([w], rows, [0.5], norm=torch.ones(64, device=dev))
+    with pytest.raises(ValueError, match="same rows"):
+        kc.sparse_gemv(w, rows, 0.5, up=x, act="silu")
+    with pytest.raises(ValueError, match="rows of x"):
+        kc.sparse_gemv(w, rows, 0.5, up=torch.randn(2, 64, device=dev), act="silu")
+    with pytest.raises(ValueError, match="apart"):
+        kc.sparse_gemv_group([w], torch.randn(64, 3, device=dev).t(), [0.5])
+
+
 # ---- residual add + RMS norm --------------------------------------------------------------------
 
 @on_gpu
@@ -607,6 +737,46 @@ def test_attention_decode_matches_reference(gen, case):
     for got_c, want_c in ((kd, kc_), (vd, vc_)):
         a, b = got_c[:, others].cpu(), want_c[:, others]
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@on_gpu
+@pytest.mark.parametrize("rows", [2, 7, 22, 40])
+@pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[3]],
+                         ids=lambda c: "h{}-{}_d{}-{}".format(*c[:4]))
+def test_attention_decode_partial_rows(gen, case, rows):
+    # qkv as the unreduced split rows of the q/k/v GEMV: the kernel adds them (in its own fixed
+    # order) before use; against the reference on their float32 sum.
+    nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
+    dev = torch.device("cuda")
+    width = nh * dk + nkv * (dk + dv)
+    buf = torch.randn(rows, width + 9, generator=gen) / math.sqrt(rows)
+    parts = buf[:, 3:3 + width]
+    qkv = parts[0].clone()
+    for r in range(1, rows):
+        qkv = qkv + parts[r]
+    kc_, vc_ = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
+    cos, sin, perm = rope_tables(gen, L, dk, neox)
+    qn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
+    kn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
+    scale, eps = 1.0 / math.sqrt(dk), 1e-6
+    out_ref, kc_ref, vc_ref = ref_ops.attention_decode(
+        qkv, kc_, vc_, pos, cos, sin, perm, n_head=nh, scale=scale, eps=eps, window=window,
+        q_norm=qn, k_norm=kn)
+    kd, vd = kc_.to(dev), vc_.to(dev)
+    out = torch.full((nh * dv,), float("nan"), device=dev)
+    kc.attention_decode(buf.to(dev)[:, 3:3 + width], kd, vd, torch.tensor([pos], device=dev),
+                        cos.to(dev), sin.to(dev), perm.to(dev), out, n_head=nh, scale=scale,
+                        eps=eps, window=window, q_norm=None if qn is None else qn.to(dev),
+                        k_norm=None if kn is None else kn.to(dev))
+    torch.cuda.synchronize()
+    got = out.double().cpu()
+    assert not torch.isnan(got).any()
+    err = float((got - out_ref).abs().max() / out_ref.abs().max())
+    assert err < 2e-5, err
+    # The new value is the rows' sum: float32 in another order, so within a few ulps.
+    vs = vd[:, pos].double().cpu()
+    assert float((vs - vc_ref[:, pos]).abs().max()) <= rows * 4 * U32 * float(
+        buf.abs().sum(0).max())
 
 
 @on_gpu

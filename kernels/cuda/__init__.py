@@ -140,7 +140,9 @@ class _Input(ctypes.Structure):
 
     _fields_ = [("x", ctypes.c_void_p), ("x_up", ctypes.c_void_p), ("act", ctypes.c_int),
                 ("norm_w", ctypes.c_void_p), ("norm_eps", ctypes.c_float),
-                ("accumulate", ctypes.c_int)]
+                ("accumulate", ctypes.c_int), ("x_parts", ctypes.c_int),
+                ("x_stride", ctypes.c_int), ("y_parts", ctypes.c_int),
+                ("y_stride", ctypes.c_int)]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -156,12 +158,18 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparsify_gemv_group_ex.argtypes = [i, ctypes.POINTER(_Segment), i,
                                            ctypes.POINTER(_Input), i, p, z, p]
     lib.sparsify_gemv_group_ex.restype = i
+    # wtype, segments, nseg, input, k, splits (out)
+    lib.sparsify_gemv_group_splits.argtypes = [i, ctypes.POINTER(_Segment), i,
+                                               ctypes.POINTER(_Input), i, ctypes.POINTER(i)]
+    lib.sparsify_gemv_group_splits.restype = i
     # h, r, post_w, w, x, d, eps, stream
     lib.sparsify_add_rms_norm.argtypes = [p, p, p, p, p, i, f, p]
     lib.sparsify_add_rms_norm.restype = i
     # qkv, kc, vc, pos, cos, sin, perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv, max_len,
     # window, scale, eps, stream
     lib.sparsify_attention_decode.argtypes = [p] * 10 + [i] * 6 + [f, f, p]
+    lib.sparsify_attention_decode_parts.argtypes = [p, i, i] + [p] * 9 + [i] * 6 + [f, f, p]
+    lib.sparsify_attention_decode_parts.restype = i
     lib.sparsify_attention_decode.restype = i
     lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_smem_bytes.restype = z
@@ -295,12 +303,37 @@ def _check_gate(up: torch.Tensor | None, act: str | None, k: int, dev: torch.dev
     return ACTS[act]
 
 
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to the end of its last (strided views included)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """True when the memory of ``a`` and ``b`` (contiguous) intersects."""
+    """True when the memory spans of ``a`` and ``b`` intersect."""
     if b is None:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    return a0 < b0 + _extent(b) and b0 < a0 + _extent(a)
+
+
+def _check_rows(t: torch.Tensor, name: str, width: int, dev: torch.device) -> tuple[int, int]:
+    """A (width,) vector, or (P, width) partial rows with unit column stride: (P, row stride)."""
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor")
+    if t.dim() != 2:
+        _check_vec(t, name, (width,), dev)
+        return 1, 0
+    _check(t.device == dev, f"{name} is on {t.device}, the weights on {dev}")
+    _check(t.dtype == torch.float32, f"{name} must be float32, got {t.dtype}")
+    parts, w = t.shape
+    _check(w == width and parts >= 1,
+           f"{name} must have shape ({width},) or (parts, {width}), got {tuple(t.shape)}")
+    _check(t.stride(1) == 1 and (parts == 1 or t.stride(0) >= width),
+           f"{name}: partial rows need unit column stride and rows at least {width} apart")
+    _check(t.stride(0) < 2**31, f"{name}: row stride must fit in int32")
+    _check(t.data_ptr() % 4 == 0, f"{name} must be 4-byte aligned")
+    return parts, (t.stride(0) if parts > 1 else 0)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -404,6 +437,12 @@ def sparse_gemv_group(
     and K), threshold, factor and int8 scales; ``outs[j]`` (N_j,) float32 or None (allocated).
     ``up``/``act`` make the shared input gated, ``norm``/``eps`` RMS-normed, and ``accumulate``
     adds into the outputs, as in :func:`sparse_gemv`. Returns the outputs.
+
+    Partial rows (a deferred split-K reduction, sparse_gemv.h): ``x`` (and ``up``) may be
+    (P, K) views with unit column stride, whose P rows are added to form the input (not with
+    ``norm``); and every ``outs[j]`` may be a (S, N_j) view, all with one row stride, into
+    which split s writes its unreduced sums, S being :func:`group_splits` for the same call
+    (not with ``accumulate``).
     """
     nseg = len(ws)
     _check(1 <= nseg <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, got {nseg}")
@@ -412,25 +451,32 @@ def sparse_gemv_group(
     scales = list(scales) if scales is not None else [None] * nseg
     _check(len(thresholds) == nseg and len(outs) == nseg and len(factors) == nseg
            and len(scales) == nseg, "one threshold, out, factor and scales entry per segment")
-    k, _ = _check_weights(ws[0], "ws[0]")
-    dev = ws[0].device
-    for j, w in enumerate(ws):
-        kj, _ = _check_weights(w, f"ws[{j}]")
-        _check(w.device == dev, f"ws[{j}] is on {w.device}, ws[0] on {dev}")
-        _check(w.dtype == ws[0].dtype, f"ws[{j}] is {w.dtype}, ws[0] {ws[0].dtype}")
-        _check(kj == k, f"ws[{j}] has K={kj}, ws[0] K={k}")
-    _check_vec(x, "x", (k,), dev)
-    code = _check_gate(up, act, k, dev)
-    if norm is not None:
-        _check(up is None, "an input is either gated (up) or normed (norm), not both")
-        _check_vec(norm, "norm", (k,), dev)
-        _check(math.isfinite(eps) and eps >= 0.0, f"eps must be finite and >= 0, got {eps}")
+    k, dev, inp = _group_input(ws, x, up, act, norm, eps)
     if accumulate:
         _check(all(o is not None for o in outs), "accumulate adds into outs: give every out")
+    y_parts, y_stride = 0, 0
+    if any(o is not None and o.dim() == 2 for o in outs):
+        _check(not accumulate, "partial outputs (2-D outs) are stores: no accumulate")
+        rows = [_check_rows(o, f"outs[{j}]", int(w.shape[1]), dev) if o is not None else None
+                for j, (o, w) in enumerate(zip(outs, ws))]
+        _check(all(r is not None and outs[j].dim() == 2 for j, r in enumerate(rows)),
+               "partial outputs: every out must be a 2-D (splits, N_j) view")
+        y_parts = rows[0][0]
+        strides = {r[1] for r in rows if r[0] > 1}
+        _check(len(strides) <= 1, "partial outputs: every out needs the same row stride")
+        _check(all(r[0] == y_parts for r in rows), "partial outputs: one row count for all outs")
+        want = group_splits(ws, x, up=up, norm=norm)
+        _check(y_parts == want, f"partial outputs need {want} rows (the launch's splits), "
+               f"got {y_parts}")
+        y_stride = strides.pop() if strides else 0
     segs = (_Segment * nseg)()
     checked_thr = []
     for j, w in enumerate(ws):
-        t, o = _check_segment(w, thresholds[j], factors[j], scales[j], outs[j], dev)
+        o = outs[j]
+        if y_parts:  # checked above as rows; _check_segment sees row 0
+            t, _ = _check_segment(w, thresholds[j], factors[j], scales[j], o[0], dev)
+        else:
+            t, o = _check_segment(w, thresholds[j], factors[j], scales[j], o, dev)
         checked_thr.append(t)  # keeps a temporary threshold alive through the launch
         outs[j] = o
         _check(not any(_overlap(o, t) for t in (x, up, norm)),
@@ -444,13 +490,61 @@ def sparse_gemv_group(
     else:
         _check_workspace(workspace, need, dev, f"(K={k}, N={ns})")
     lib = load(dev)
+    inp.accumulate = int(bool(accumulate))
+    inp.y_parts, inp.y_stride = y_parts, y_stride
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        inp = _Input(x.data_ptr(), _ptr(up), code, _ptr(norm), float(eps), int(bool(accumulate)))
         rc = lib.sparsify_gemv_group_ex(_WTYPE[ws[0].dtype], segs, nseg, ctypes.byref(inp), k,
                                         workspace.data_ptr(), workspace.numel(), stream)
     _raise_on(rc, f"sparse_gemv_group launch (K={k}, N={ns}, {ws[0].dtype})")
     return outs
+
+
+def _group_input(ws, x, up, act, norm, eps) -> tuple[int, torch.device, _Input]:
+    """Checks the weights and the shared input of a grouped call; returns (K, device, input)."""
+    k, _ = _check_weights(ws[0], "ws[0]")
+    dev = ws[0].device
+    for j, w in enumerate(ws):
+        kj, _ = _check_weights(w, f"ws[{j}]")
+        _check(w.device == dev, f"ws[{j}] is on {w.device}, ws[0] on {dev}")
+        _check(w.dtype == ws[0].dtype, f"ws[{j}] is {w.dtype}, ws[0] {ws[0].dtype}")
+        _check(kj == k, f"ws[{j}] has K={kj}, ws[0] K={k}")
+    x_parts, x_stride = _check_rows(x, "x", k, dev)
+    code = 0
+    if up is not None and up.dim() == 2:
+        _check(act in ACTS, f"act must be one of {sorted(ACTS)} with up, got {act!r}")
+        _check(_check_rows(up, "up", k, dev) == (x_parts, x_stride),
+               "up must have the rows (count and stride) of x")
+        code = ACTS[act]
+    else:
+        _check(up is None or x_parts == 1, "partial rows of x need up in the same rows")
+        code = _check_gate(up, act, k, dev)
+    if norm is not None:
+        _check(up is None, "an input is either gated (up) or normed (norm), not both")
+        _check(x_parts == 1, "a normed input is one row of x, not partial rows")
+        _check_vec(norm, "norm", (k,), dev)
+        _check(math.isfinite(eps) and eps >= 0.0, f"eps must be finite and >= 0, got {eps}")
+    inp = _Input(x.data_ptr(), _ptr(up), code, _ptr(norm), float(eps), 0,
+                 x_parts if x_parts > 1 else 0, x_stride, 0, 0)
+    return k, dev, inp
+
+
+def group_splits(ws: list[torch.Tensor], x: torch.Tensor, *, up: torch.Tensor | None = None,
+                 act: str | None = None, norm: torch.Tensor | None = None) -> int:
+    """Rows of partial outputs :func:`sparse_gemv_group` writes for these weights and input on
+    this device (its split count; ``sparsify_gemv_group_splits``). Nothing is launched."""
+    _check(1 <= len(ws) <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, got {len(ws)}")
+    k, dev, inp = _group_input(ws, x, up, act if up is not None else None, norm, 0.0)
+    segs = (_Segment * len(ws))()
+    for j, w in enumerate(ws):
+        segs[j] = _Segment(w.data_ptr(), None, None, None, None, int(w.shape[1]))
+    out = ctypes.c_int(0)
+    lib = load(dev)
+    with torch.cuda.device(dev):
+        rc = lib.sparsify_gemv_group_splits(_WTYPE[ws[0].dtype], segs, len(ws),
+                                            ctypes.byref(inp), k, ctypes.byref(out))
+    _raise_on(rc, f"sparsify_gemv_group_splits (K={k})")
+    return int(out.value)
 
 
 def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -499,7 +593,9 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
-        qkv: (n_head*dk + n_head_kv*(dk + dv),) float32: q heads, k heads, v heads.
+        qkv: (n_head*dk + n_head_kv*(dk + dv),) float32: q heads, k heads, v heads; or
+            (P, that width) with unit column stride: P partial rows (the unreduced splits of a
+            q/k/v GEMV with partial outputs), added in the kernel.
         kc, vc: (n_head_kv, max_len, dk) and (n_head_kv, max_len, dv) float32 caches; position
             ``pos`` is written (k normed and rotated, v as is).
         pos: (1,) int64 device position, read when the kernel runs.
@@ -519,7 +615,7 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     for t, name in ((kc, "kc"), (vc, "vc")):
         _check(t.dtype == torch.float32 and t.is_contiguous() and t.device == dev,
                f"{name} must be contiguous float32 on {dev}")
-    _check_vec(qkv, "qkv", (n_head * dk + hkv * (dk + dv),), dev)
+    parts, stride = _check_rows(qkv, "qkv", n_head * dk + hkv * (dk + dv), dev)
     _check_vec(out, "out", (n_head * dv,), dev)
     _check_vec(cos, "cos", (L, dk), dev)
     _check_vec(sin, "sin", (L, dk), dev)
@@ -537,8 +633,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.sparsify_attention_decode(
-            qkv.data_ptr(), kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), cos.data_ptr(),
+        rc = lib.sparsify_attention_decode_parts(
+            qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm), out.data_ptr(),
             n_head, hkv, dk, dv, L, int(window), float(scale), float(eps), stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")

@@ -97,6 +97,7 @@ struct AttnParams {
   const float *q_norm;
   const float *k_norm;
   float *out;
+  int parts, stride;  // qkv is `parts` partial rows `stride` floats apart, added here
   int n_head, n_head_kv, dk, dv, max_len, window;
   float scale, eps;
 };
@@ -110,7 +111,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *k = q + dk;    // (dk) the new key of this head's group
   float *qr = k + dk;   // (dk) q after RoPE
   float *kr = qr + dk;  // (dk) new key after RoPE
-  float *s = kr + dk;   // (max_len rounded up to 4) scores, then softmax numerators
+  float *vn = kr + dk;  // (dv) the new value
+  float *s = vn + dv;   // (max_len rounded up to 4) scores, then softmax numerators
   float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
   __shared__ float red[32];
   wait_previous_grid();
@@ -131,9 +133,52 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const float *ksrc = p.qkv + static_cast<size_t>(p.n_head + g) * dk;
   const float *vsrc = p.qkv + static_cast<size_t>(p.n_head + p.n_head_kv) * dk +
                       static_cast<size_t>(g) * dv;
-  for (int i = tid; i < dk; i += blockDim.x) {
-    q[i] = qsrc[i];
-    k[i] = ksrc[i];
+  if (p.parts <= 1) {
+    for (int i = tid; i < dk; i += blockDim.x) {
+      q[i] = qsrc[i];
+      k[i] = ksrc[i];
+    }
+    for (int i = tid; i < dv; i += blockDim.x) vn[i] = vsrc[i];
+  } else {
+    // qkv as the unreduced split-K rows of the q/k/v GEMV: add them here. The e = 2 dk + dv
+    // elements this block needs times `parts` rows are spread over the threads (groups of
+    // threads take rows g, g + groups, ...; each thread keeps up to kRowsInFlight loads in
+    // flight), then the groups' sums are added in group order: a fixed order, so the result is
+    // deterministic.
+    constexpr int kRowsInFlight = 12;
+    const int ne = 2 * dk + dv;
+    const int groups = max(1, static_cast<int>(blockDim.x) / ne);
+    float *gsum = part;  // (groups, ne) <= kPartFloats: ne <= 3 * kMaxHeadDim
+    for (int t = tid; t < groups * ne; t += blockDim.x) {
+      const int g0 = t / ne;
+      const int e = t % ne;
+      const float *src = e < dk ? qsrc + e : (e < 2 * dk ? ksrc + (e - dk) : vsrc + (e - 2 * dk));
+      float a = 0.0f;
+      for (int r0 = g0; r0 < p.parts; r0 += groups * kRowsInFlight) {
+        float v[kRowsInFlight];
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) {
+          const int r = r0 + u * groups;
+          v[u] = r < p.parts ? src[static_cast<size_t>(r) * p.stride] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) a += v[u];
+      }
+      gsum[g0 * ne + e] = a;
+    }
+    __syncthreads();
+    for (int e = tid; e < ne; e += blockDim.x) {
+      float a = gsum[e];
+      for (int g0 = 1; g0 < groups; ++g0) a += gsum[g0 * ne + e];
+      if (e < dk) {
+        q[e] = a;
+      } else if (e < 2 * dk) {
+        k[e - dk] = a;
+      } else {
+        vn[e - 2 * dk] = a;
+      }
+    }
+    __syncthreads();  // gsum is the value phase's buffer; q/k are read by other threads below
   }
   if (p.q_norm != nullptr) {  // model.rms_norm over each head, before RoPE (same thread/element)
     float sq = 0.0f;
@@ -165,7 +210,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
     float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
     for (int i = tid; i < dk; i += blockDim.x) kdst[i] = kr[i];
-    for (int i = tid; i < dv; i += blockDim.x) vdst[i] = vsrc[i];
+    for (int i = tid; i < dv; i += blockDim.x) vdst[i] = vn[i];
   }
 
   // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
@@ -224,7 +269,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const int groups = kAttnThreads / nchunk;
   const int grp = tid / nchunk;
   const int c = tid % nchunk;
-  const float4 *vnew4 = reinterpret_cast<const float4 *>(vsrc);
+  const float4 *vnew4 = reinterpret_cast<const float4 *>(vn);
   if (grp < groups) {
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int j = grp; j < nt; j += groups * kValuesPerThread) {
@@ -312,8 +357,8 @@ cudaError_t sparsify_add_rms_norm(float *h, const float *r, const float *post_w,
 }
 
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len) {
-  (void)dv;  // the value phase's partial sums have a fixed size
-  return (static_cast<size_t>(4) * dk + ((static_cast<size_t>(max_len) + 3) & ~size_t{3}) +
+  // q, k, their rotations, the new value, the scores, the value phase's partial sums
+  return (static_cast<size_t>(4) * dk + dv + ((static_cast<size_t>(max_len) + 3) & ~size_t{3}) +
           kPartFloats) * sizeof(float);
 }
 
@@ -322,6 +367,23 @@ cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, co
                                       const float *q_norm, const float *k_norm, float *out,
                                       int n_head, int n_head_kv, int dk, int dv, int max_len,
                                       int window, float scale, float eps, cudaStream_t stream) {
+  return sparsify_attention_decode_parts(qkv, 1, 0, kc, vc, pos, cos_t, sin_t, perm, q_norm,
+                                         k_norm, out, n_head, n_head_kv, dk, dv, max_len, window,
+                                         scale, eps, stream);
+}
+
+cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int qkv_stride,
+                                            float *kc, float *vc, const int64_t *pos,
+                                            const float *cos_t, const float *sin_t,
+                                            const int32_t *perm, const float *q_norm,
+                                            const float *k_norm, float *out, int n_head,
+                                            int n_head_kv, int dk, int dv, int max_len,
+                                            int window, float scale, float eps,
+                                            cudaStream_t stream) {
+  if (qkv_parts < 1) return cudaErrorInvalidValue;
+  if (qkv_parts > 1 && qkv_stride < n_head * dk + n_head_kv * (dk + dv)) {
+    return cudaErrorInvalidValue;
+  }
   if (qkv == nullptr || kc == nullptr || vc == nullptr || pos == nullptr || cos_t == nullptr ||
       sin_t == nullptr || perm == nullptr || out == nullptr) {
     return cudaErrorInvalidValue;
@@ -334,8 +396,8 @@ cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, co
   if (dk % 4 != 0 || dv % 4 != 0 || dk > kMaxHeadDim || dv > kMaxHeadDim) {
     return cudaErrorNotSupported;
   }
-  // float4 access to q/k/v heads, cache rows and tables.
-  if (!aligned(qkv, 16) || !aligned(kc, 16) || !aligned(vc, 16) || !aligned(cos_t, 16) ||
+  // float4 access to cache rows and tables (q, k and v are read one float at a time).
+  if (!aligned(qkv, 4) || !aligned(kc, 16) || !aligned(vc, 16) || !aligned(cos_t, 16) ||
       !aligned(sin_t, 16) || !aligned(pos, 8) || !aligned(perm, 4) || !aligned(out, 4) ||
       !aligned(q_norm, 4) || !aligned(k_norm, 4)) {
     return cudaErrorInvalidValue;
@@ -365,6 +427,8 @@ cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, co
   p.q_norm = q_norm;
   p.k_norm = k_norm;
   p.out = out;
+  p.parts = qkv_parts;
+  p.stride = qkv_stride;
   p.n_head = n_head;
   p.n_head_kv = n_head_kv;
   p.dk = dk;

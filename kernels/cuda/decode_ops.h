@@ -38,9 +38,15 @@
  *         h reads kv head h / (n_head / n_head_kv) (grouped-query attention).
  *
  *   Limits: dk and dv multiples of 4, at most 512; n_head a multiple of n_head_kv; the
- *   shared memory (4*dk + max_len + 4096 floats) within the device's per-block limit. The
+ *   shared memory (4*dk + dv + max_len + 4096 floats) within the device's per-block limit. The
  *   kernel works out the new key itself in each block of its group and never reads position
  *   pos back from the cache, so no block depends on another within the launch.
+ *
+ * sparsify_attention_decode_parts: the same with qkv given as qkv_parts rows, qkv_stride floats
+ *   apart (at least the width above), that are added in float32 before use, in a fixed order:
+ *   the unreduced split-K rows of a q/k/v GEMV launched with partial outputs
+ *   (sparse_gemv.h, y_parts), so that the GEMV needs no reduction tail. qkv_parts = 1 is
+ *   sparsify_attention_decode.
  *
  * Return: cudaSuccess, cudaErrorInvalidValue for a bad argument, cudaErrorNotSupported for
  * sizes past the limits above, or the launch error.
@@ -65,6 +71,15 @@ cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, co
                                       const float *q_norm, const float *k_norm, float *out,
                                       int n_head, int n_head_kv, int dk, int dv, int max_len,
                                       int window, float scale, float eps, cudaStream_t stream);
+
+cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int qkv_stride,
+                                            float *kc, float *vc, const int64_t *pos,
+                                            const float *cos_t, const float *sin_t,
+                                            const int32_t *perm, const float *q_norm,
+                                            const float *k_norm, float *out, int n_head,
+                                            int n_head_kv, int dk, int dv, int max_len,
+                                            int window, float scale, float eps,
+                                            cudaStream_t stream);
 
 /* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes. */
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);

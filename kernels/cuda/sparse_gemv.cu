@@ -233,6 +233,10 @@ struct Params {
   unsigned *counters;  // (tiles,) arrival counters, ticket reduction only
   int ld;              // row stride of `partial` = tiles * TN
   int prefetch_rows;   // rows at the start of each block's chunk hinted into L2 before the wait
+  int x_parts;         // >= 1 partial rows of x (and x_up), x_stride floats apart, summed in order
+  int x_stride;
+  int y_parts;         // nonzero: split-K partials left unreduced, row `split` at y + split * y_stride
+  int y_stride;
 };
 
 // The activations of sparsify.model, in float32 as torch computes them (F.silu: x / (1 + e^-x);
@@ -315,7 +319,8 @@ __device__ __forceinline__ void consume(const Frag<W, VEC> (&frag)[UNROLL],
 // every thread around a relaxed atomic); PIPE two batches of UNROLL in registers, the next one's
 // loads issued before the current one is decoded, so that decoding never leaves a lane with no
 // load in flight.
-template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE, bool NORM>
+template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE, bool NORM,
+          bool PARTS>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
@@ -329,6 +334,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   } sm;
   __shared__ int warp_count[2][kWarps];
   __shared__ float warp_ss[kWarps];
+  // Partial input rows (PARTS): the pass's summed x, then up, staged for the compaction.
+  __shared__ float stage[PARTS ? 2 * kListRows : 1];
   __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
   __shared__ unsigned ticket;
 
@@ -397,6 +404,46 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
     // factor: at most kRounds per thread) is loaded before the first ballot, so the pass waits
     // for one L2 round trip instead of one per round of kThreads rows.
     constexpr int kRounds = kListRows / kThreads;
+    if constexpr (PARTS) {
+      // The input arrives as x_parts partial rows (a producer's unreduced split-K sums): add
+      // them in row order into shared memory first. Each thread keeps kU elements times kP rows
+      // of loads in flight, so a few rows cost one L2 round trip, as a single row does.
+      constexpr int kU = 4;
+      constexpr int kP = 4;
+      const int n = c1 - c0;
+      const int total = p.x_up != nullptr ? 2 * n : n;
+      for (int e0 = tid; e0 < total; e0 += kU * kThreads) {
+        float a[kU];
+        const float *src[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int e = min(e0 + u * kThreads, total - 1);
+          src[u] = e < n ? p.x + c0 + e : p.x_up + c0 + (e - n);
+          a[u] = 0.0f;
+        }
+        for (int p0 = 0; p0 < p.x_parts; p0 += kP) {
+          float v[kU][kP];
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+#pragma unroll
+            for (int q = 0; q < kP; ++q) {
+              const bool ok = e0 + u * kThreads < total && p0 + q < p.x_parts;
+              v[u][q] = ok ? __ldg(src[u] + static_cast<size_t>(p0 + q) * p.x_stride) : 0.0f;
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+#pragma unroll
+            for (int q = 0; q < kP; ++q) a[u] += v[u][q];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          if (e0 + u * kThreads < total) stage[e0 + u * kThreads] = a[u];
+        }
+      }
+      __syncthreads();
+    }
     float xr[kRounds];
     float ur[kRounds];
     float fr[kRounds];
@@ -404,10 +451,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
     for (int q = 0; q < kRounds; ++q) {
       const int i = c0 + q * kThreads + tid;
       const bool in = i < c1;
-      xr[q] = in ? __ldg(p.x + i) : 0.0f;
       // up (gated input) or the norm weight (normed input): a launch has at most one of them
       const float *second = NORM ? p.norm_w : p.x_up;
-      ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
+      if constexpr (PARTS) {
+        xr[q] = in ? stage[i - c0] : 0.0f;
+        ur[q] = (in && second != nullptr) ? stage[(c1 - c0) + (i - c0)] : 0.0f;
+      } else {
+        xr[q] = in ? __ldg(p.x + i) : 0.0f;
+        ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
+      }
       fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
     }
     if (NORM && c0 == k_begin) nscale = rms_scale(p.x, p.k, p.norm_eps, warp_ss);
@@ -502,7 +554,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += sm.red[w][cc];
     const int n = ltile * TN + cc;
-    if (splits == 1) {
+    if (p.y_parts) {  // left for the consumer to add (no accumulate with partial outputs)
+      if (n < sg.n) __stcg(sg.y + static_cast<size_t>(split) * p.y_stride + n, s);
+    } else if (splits == 1) {
       if (n < sg.n) sg.y[n] = p.accumulate ? sg.y[n] + s : s;
     } else if (RED == kTicket) {
       __stcg(p.partial + static_cast<size_t>(split) * p.ld + tile * TN + cc, s);
@@ -510,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       csum[cc] = s;
     }
   }
-  if (splits == 1) return;
+  if (splits == 1 || p.y_parts) return;
 
   if (RED == kTicket) {
     // 3b. splits -> y by the last block of this tile to arrive. atomicInc wraps to 0 after
@@ -632,14 +686,19 @@ struct Args {
   bool pdl;  // launch with programmatic dependent launch (compute capability 9.0+)
   int waves;  // grid size in waves of resident blocks (1 = every block starts at once)
   int prefetch_q;  // L2 prefetch before the wait, in quarters of kPrefetchBytesPerSM
+  int x_parts;     // partial input rows (>= 1) and their stride in floats
+  int x_stride;
+  int y_parts;     // 0, or the split count, for partial outputs y + split * y_stride
+  int y_stride;
+  int *plan;       // non-null: store the launch's split count here and launch nothing
 };
 
 template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false,
-          bool NORM = false>
+          bool NORM = false, bool PARTS = false>
 cudaError_t launch(const Args &a) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
-  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM>;
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS>;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -685,6 +744,12 @@ cudaError_t launch(const Args &a) {
   if (splits > by_rows) splits = by_rows;
   const int rows = static_cast<int>(round_up(ceil_div(a.k, splits), 32));
   splits = ceil_div(a.k, rows);
+  if (a.plan != nullptr) {
+    *a.plan = splits;
+    return cudaSuccess;
+  }
+  // Partial outputs have one row per split: the caller sized them from sparsify_gemv_group_splits.
+  if (a.y_parts != 0 && a.y_parts != splits) return cudaErrorInvalidValue;
 
   p.nseg = a.nseg;
   p.x = a.x;
@@ -694,6 +759,10 @@ cudaError_t launch(const Args &a) {
   p.norm_eps = a.norm_eps;
   p.accumulate = a.accumulate;
   p.k = a.k;
+  p.x_parts = a.x_parts > 1 ? a.x_parts : 1;
+  p.x_stride = a.x_stride;
+  p.y_parts = a.y_parts;
+  p.y_stride = a.y_stride;
   p.rows_per_block = rows;
   // Rows per block so that the resident blocks of one SM prefetch the budget together.
   p.prefetch_rows = static_cast<int>(static_cast<long long>(kPrefetchBytesPerSM) * a.prefetch_q /
@@ -701,7 +770,7 @@ cudaError_t launch(const Args &a) {
   p.ld = tiles * TN;
   p.counters = static_cast<unsigned *>(a.workspace);
   p.partial = reinterpret_cast<float *>(static_cast<char *>(a.workspace) + kCounterBytes);
-  if (RED == kTicket && splits > 1) {
+  if (RED == kTicket && splits > 1 && a.y_parts == 0) {
     const size_t need = kCounterBytes + static_cast<size_t>(splits) * p.ld * 4;
     if (a.workspace == nullptr || a.workspace_bytes < need) return cudaErrorInvalidValue;
   }
@@ -745,6 +814,11 @@ cudaError_t dispatch(const Args &a, int variant) {
   }
   if (a.x_up != nullptr && a.norm_w != nullptr) return cudaErrorInvalidValue;
   if (a.norm_w != nullptr && !(a.norm_eps >= 0.0f)) return cudaErrorInvalidValue;
+  // Partial input rows: not with a normed input (its scale sums all of x), rows at least K apart.
+  if (a.x_parts < 0 || a.y_parts < 0) return cudaErrorInvalidValue;
+  if (a.x_parts > 1 && (a.norm_w != nullptr || a.x_stride < a.k)) return cudaErrorInvalidValue;
+  // Partial outputs are plain stores of the split sums: nothing to accumulate into.
+  if (a.y_parts > 0 && a.accumulate) return cudaErrorInvalidValue;
   if (a.x_up != nullptr && a.act != SPARSIFY_GEMV_ACT_SILU &&
       a.act != SPARSIFY_GEMV_ACT_GELU_TANH) {
     return cudaErrorInvalidValue;
@@ -756,9 +830,11 @@ cudaError_t dispatch(const Args &a, int variant) {
     const sparsify_gemv_segment &s = a.seg[i];
     if (s.n < 0) return cudaErrorInvalidValue;
     if (s.n == 0) continue;  // nothing to write, nothing read
-    if ((s.w == nullptr && a.k > 0) || s.threshold == nullptr || s.y == nullptr) {
+    if (s.w == nullptr && a.k > 0) return cudaErrorInvalidValue;
+    if (a.plan == nullptr && (s.threshold == nullptr || s.y == nullptr)) {
       return cudaErrorInvalidValue;
     }
+    if (a.y_parts > 1 && a.y_stride < s.n) return cudaErrorInvalidValue;
     if (W == kI8 && s.scales == nullptr && a.k > 0) return cudaErrorInvalidValue;
     if (!aligned(s.y, 4) || !aligned(s.threshold, 4) || !aligned(s.factor, 4) ||
         !aligned(s.scales, 4) || !aligned(s.w, Elem<W>::kBytes)) {
@@ -767,7 +843,14 @@ cudaError_t dispatch(const Args &a, int variant) {
     vec = vec && aligned(s.w, 16) && (static_cast<size_t>(s.n) * Elem<W>::kBytes) % 16 == 0;
     n_total += s.n;
   }
-  if (n_total == 0) return cudaSuccess;
+  if (n_total == 0 || a.k == 0) {
+    if (a.plan != nullptr) {
+      *a.plan = 1;  // y = 0 (or y += 0): one row
+      return cudaSuccess;
+    }
+    if (n_total == 0) return cudaSuccess;
+    if (a.y_parts > 1) return cudaErrorInvalidValue;
+  }
   // Empty segments take no tiles: drop them so that every segment in the launch has one.
   Args b = a;
   b.nseg = 0;
@@ -801,6 +884,11 @@ cudaError_t dispatch(const Args &a, int variant) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
     if (variant == 11 || variant == 12) b.prefetch_q = variant == 11 ? 4 : 8;
     return launch<W, VEC, 4, true, kTicket, true, true, true>(b);
+  }
+  // Partial input rows likewise (the staging buffer in shared memory is theirs alone).
+  if (b.x_parts > 1) {
+    if (!vec) return launch<W, 1, 8, false, kTicket, true, false, false, true>(b);
+    return launch<W, VEC, 4, true, kTicket, true, true, false, true>(b);
   }
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
   // Default: two batches of four 16-byte loads per lane, the next batch in flight while the
@@ -851,6 +939,26 @@ cudaError_t dispatch_any(int wtype, const Args &a, int variant) {
   }
 }
 
+Args group_args(const sparsify_gemv_segment *segs, int nseg, const sparsify_gemv_input *in,
+                int k) {
+  Args a = {};
+  for (int i = 0; i < nseg; ++i) a.seg[i] = segs[i];
+  a.nseg = nseg;
+  a.x = in->x;
+  a.x_up = in->x_up;
+  a.act = in->act;
+  a.norm_w = in->norm_w;
+  a.norm_eps = in->norm_eps;
+  a.accumulate = in->accumulate != 0;
+  a.x_parts = in->x_parts;
+  a.x_stride = in->x_stride;
+  a.y_parts = in->y_parts;
+  a.y_stride = in->y_stride;
+  a.k = k;
+  return a;
+}
+
+
 }  // namespace
 
 extern "C" {
@@ -896,19 +1004,21 @@ cudaError_t sparsify_gemv_group_ex(int wtype, const sparsify_gemv_segment *segs,
   if (segs == nullptr || in == nullptr || nseg < 1 || nseg > kMaxSegs) {
     return cudaErrorInvalidValue;
   }
-  Args a = {};
-  for (int i = 0; i < nseg; ++i) a.seg[i] = segs[i];
-  a.nseg = nseg;
-  a.x = in->x;
-  a.x_up = in->x_up;
-  a.act = in->act;
-  a.norm_w = in->norm_w;
-  a.norm_eps = in->norm_eps;
-  a.accumulate = in->accumulate != 0;
-  a.k = k;
+  Args a = group_args(segs, nseg, in, k);
   a.workspace = workspace;
   a.workspace_bytes = workspace_bytes;
   a.stream = stream;
+  return dispatch_any(wtype, a, 0);
+}
+
+cudaError_t sparsify_gemv_group_splits(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                       const sparsify_gemv_input *in, int k, int *splits) {
+  if (segs == nullptr || in == nullptr || splits == nullptr || nseg < 1 || nseg > kMaxSegs) {
+    return cudaErrorInvalidValue;
+  }
+  Args a = group_args(segs, nseg, in, k);
+  a.y_parts = 0;  // the count asked for: not checked against itself
+  a.plan = splits;
   return dispatch_any(wtype, a, 0);
 }
 

@@ -168,21 +168,53 @@ cudaError_t sparsify_gemv_group(int wtype, const sparsify_gemv_segment *segs, in
  * hold valid values before the launch), e.g. the residual add of an attention-output or FFN-down
  * projection straight into the residual stream. y_s must not overlap x, x_up or norm_w.
  *
+ * Partial outputs (deferred split-K reduction): with y_parts != 0 the launch does not add its
+ * K-splits together; split p stores its sums for segment s at y_s + p * y_stride (n_s floats),
+ * and the consumer adds the y_parts rows itself, typically while reading its input anyway (the
+ * partial-input form below, or sparsify_attention_decode_parts). This removes the reduction
+ * tail (a fence, an arrival atomic and a reload of the partial sums by the last block) from
+ * the launch. y_parts must equal the launch's split count, which
+ * sparsify_gemv_group_splits returns for the same arguments on the current device (a
+ * different count: cudaErrorInvalidValue); y_stride >= every n_s; not with accumulate. Every
+ * row is written. The workspace is not used.
+ *
+ * Partial input rows: with x_parts >= 2, x (and x_up for a gated input) are x_parts rows
+ * x_stride floats apart (x_stride >= K), and the input channel is their sum, added in row
+ * order in float32: x[i] = x[i] + x[x_stride + i] + ... (then gated, thresholded and used as
+ * usual). Not with a normed input. A launch with y_parts feeding one with x_parts computes the
+ * same function as the two launches with the reduction in place, up to the order of the
+ * float32 additions of the splits.
+ *
  * Everything else (layout, workspace, determinism, streams, NaN policy) is as for
- * sparsify_gemv_group, which is this call with norm_w = NULL and accumulate = 0.
+ * sparsify_gemv_group, which is this call with norm_w = NULL, accumulate = 0 and one row in and
+ * out. Fields added later come last; zero-initialise the struct (= {0}) so that unused ones
+ * are off.
  */
 typedef struct {
-  const float *x;       /* (K,) input */
-  const float *x_up;    /* (K,) gated input's up, or NULL */
+  const float *x;       /* (K,) input, or x_parts rows of it */
+  const float *x_up;    /* (K,) gated input's up, or NULL; rows like x */
   int act;              /* SPARSIFY_GEMV_ACT_* of the gated input */
   const float *norm_w;  /* (K,) RMS-norm weight of a normed input, or NULL */
   float norm_eps;       /* RMS-norm epsilon */
   int accumulate;       /* nonzero: add the result into y instead of storing it */
+  int x_parts;          /* 0 or 1: one input row; >= 2: partial rows to add */
+  int x_stride;         /* floats between input rows */
+  int y_parts;          /* 0: reduced outputs; else the split count, one output row per split */
+  int y_stride;         /* floats between output rows */
 } sparsify_gemv_input;
 
 cudaError_t sparsify_gemv_group_ex(int wtype, const sparsify_gemv_segment *segs, int nseg,
                                    const sparsify_gemv_input *in, int k, void *workspace,
                                    size_t workspace_bytes, cudaStream_t stream);
+
+/*
+ * The number of K-splits (>= 1) sparsify_gemv_group_ex would use for these arguments on the
+ * current device: the row count of its partial outputs. Only w and n of each segment, and
+ * in's x, x_up, norm_w and x_parts, are looked at; nothing is launched. The count depends on
+ * the device and on SPARSIFY_GEMV_VARIANT, so ask again after changing either.
+ */
+cudaError_t sparsify_gemv_group_splits(int wtype, const sparsify_gemv_segment *segs, int nseg,
+                                       const sparsify_gemv_input *in, int k, int *splits);
 
 /* Human-readable text for an error code returned above. */
 const char *sparsify_gemv_error_string(cudaError_t err);
