@@ -25,7 +25,7 @@ kernel, attn_output and ffn_down add their result into it, so a block is five la
 q/k/v and gate/up launches also leave their K-splits unreduced, one row of partial sums per
 split, which the attention kernel and the ffn_down GEMV add while they read their input, so
 neither launch has a reduction tail (``defer=False``, or ``SPARSIFY_CUDA_DEFER=0``, keeps the
-reduction in the GEMV; it is kept anyway where a launch has more splits than
+reduction in the GEMVs; ``"qkv"`` or ``"ffn"`` defers one of the two; it is kept anyway where a launch has more splits than
 ``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
@@ -112,7 +112,7 @@ class CUDAEngine:
     def __init__(self, loaded, fmt: str = "fp16", max_len: int = 2048,
                  device: str | torch.device = "cuda", use_graph: bool = True,
                  fused: bool | None = None, fold_norms: bool | None = None,
-                 defer: bool | None = None) -> None:
+                 defer: bool | str | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -169,8 +169,12 @@ class CUDAEngine:
         # add, which no single block of the GEMV has: those blocks keep the norm kernels.
         self.fold_norms = bool(fold_norms) and self.fused and not cfg.post_norms
         if defer is None:
-            defer = os.environ.get("SPARSIFY_CUDA_DEFER", "1") != "0"
-        self._plan_deferred(bool(defer) and self.fused)
+            defer = os.environ.get("SPARSIFY_CUDA_DEFER", "1")
+        which = {"1": ("qkv", "ffn"), "0": (), "qkv": ("qkv",), "ffn": ("ffn",),
+                 True: ("qkv", "ffn"), False: ()}.get(defer)
+        if which is None:
+            raise ValueError(f"defer must be True, False, 'qkv' or 'ffn', got {defer!r}")
+        self._plan_deferred(which if self.fused else ())
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -180,16 +184,18 @@ class CUDAEngine:
     MAX_QKV_PARTS = 24
     MAX_FFN_PARTS = 8
 
-    def _plan_deferred(self, on: bool) -> None:
-        """Partial-output buffers for the q/k/v and gate/up launches (``defer_qkv`` /
-        ``defer_ffn`` say which are deferred; both off without the fused step)."""
+    def _plan_deferred(self, which: tuple[str, ...]) -> None:
+        """Partial-output buffers for the q/k/v and/or gate/up launches named in ``which``
+        (``defer_qkv`` / ``defer_ffn`` say which are deferred)."""
         self.defer_qkv = self.defer_ffn = False
-        if not on:
+        if not which:
             return
         c, kc = self.cfg, self._kc
         x = self.h if self.fold_norms else self.xn
         parts = {}
         for kind, n_max in (("qkv", self.MAX_QKV_PARTS), ("ffn", self.MAX_FFN_PARTS)):
+            if kind not in which:
+                continue
             seen = set()
             for i in range(c.n_layer):
                 projs = self._groups(i)[0 if kind == "qkv" else 1]

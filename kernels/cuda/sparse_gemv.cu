@@ -835,7 +835,9 @@ cudaError_t dispatch(const Args &a, int variant) {
       return cudaErrorInvalidValue;
     }
     if (a.y_parts > 1 && a.y_stride < s.n) return cudaErrorInvalidValue;
-    if (W == kI8 && s.scales == nullptr && a.k > 0) return cudaErrorInvalidValue;
+    if (W == kI8 && s.scales == nullptr && a.k > 0 && a.plan == nullptr) {
+      return cudaErrorInvalidValue;
+    }
     if (!aligned(s.y, 4) || !aligned(s.threshold, 4) || !aligned(s.factor, 4) ||
         !aligned(s.scales, 4) || !aligned(s.w, Elem<W>::kBytes)) {
       return cudaErrorInvalidValue;
