@@ -382,6 +382,8 @@ def sparse_gemv(
             ``x * rsqrt(mean(x^2) + eps) * norm`` (computed in the kernel; exclusive with ``up``).
         accumulate: add the result into ``out`` (which must then be given and hold values)
             instead of overwriting it: a residual add inside the projection.
+        With ``up``, ``x`` and ``up`` may also be (P, K) partial rows that the kernel adds
+        first (see :func:`sparse_gemv_group`).
         variant, blocks_per_sm: launch configuration for benchmarks (see sparse_gemv.h); plain
             inputs only.
 
