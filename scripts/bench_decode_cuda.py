@@ -244,11 +244,11 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "fused decode step or the torch glue between the GEMVs (records before the fused "
              "step existed show torch glue; *norms in GEMVs*: the RMS norms computed inside "
              "the q/k/v and gate/up GEMVs and the residual adds inside attn_output and "
-             "ffn_down, five launches per block instead of seven; *deferred q/k/v+gate/up*: those launches "
-             "leave their split-K partial sums unreduced, added by the attention kernel and "
-             "ffn_down); `code` is the version in "
-             "the record's file name (`_vN`: an earlier record of that card; latest: that card's most recent record; "
-             "kernels/cuda/NOTES.md names the code of each run)."), ""]
+             "ffn_down, five launches per block instead of seven; *deferred q/k/v+gate/up*: "
+             "those launches leave their split-K partial sums unreduced, added by the "
+             "attention kernel and ffn_down); `code` is the version in the record's file "
+             "name (`_vN`: an earlier record of that card; latest: that card's most recent "
+             "record; kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
     for r in records:
         v = r["versions"]

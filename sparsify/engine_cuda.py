@@ -25,8 +25,8 @@ kernel, attn_output and ffn_down add their result into it, so a block is five la
 q/k/v and gate/up launches also leave their K-splits unreduced, one row of partial sums per
 split, which the attention kernel and the ffn_down GEMV add while they read their input, so
 neither launch has a reduction tail (``defer=False``, or ``SPARSIFY_CUDA_DEFER=0``, keeps the
-reduction in the GEMVs; ``"qkv"`` or ``"ffn"`` defers one of the two; it is kept anyway where a launch has more splits than
-``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``).
+reduction in the GEMVs; ``"qkv"`` or ``"ffn"`` defers one of the two; it is kept anyway where a
+launch has more splits than ``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """

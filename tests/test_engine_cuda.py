@@ -246,9 +246,10 @@ def test_dense_bytes_and_bad_input(models, engines):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
 def test_fused_step_follows_torch_glue(models):
     """The fused step (norms folded or not, split-K reductions deferred or not) and the torch
-    glue (the same GEMV kernel for every projection) agree densely: same greedy tokens, logits within float32 summation-order noise. (Sparse levels
-    are held to the masked torch model above; here a channel within rounding of its threshold
-    could legitimately flip between the two glues.)"""
+    glue (the same GEMV kernel for every projection) agree densely: same greedy tokens, logits
+    within float32 summation-order noise. (Sparse levels are held to the masked torch model
+    above; here a channel within rounding of its threshold could legitimately flip between the
+    two glues.)"""
     from sparsify.engine_cuda import CUDAEngine
 
     loaded = models("synthetic-small")

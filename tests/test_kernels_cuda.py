@@ -594,9 +594,9 @@ def test_deferred_gate_up_feeds_down(gen, dtype):
     # rows while it forms act(gate) * up; against the chain with both reductions in place.
     dev = torch.device("cuda")
     d, f = 1024, 2816
-    (wg, sg), (wu, su), (wdn, sdn) = (make_weights(gen, d, f, dtype), make_weights(gen, d, f, dtype),
-                                      make_weights(gen, f, d, dtype))
-    on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    (wg, sg), (wu, su) = make_weights(gen, d, f, dtype), make_weights(gen, d, f, dtype)
+    wdn, sdn = make_weights(gen, f, d, dtype)
+    on = lambda t: None if t is None else t.to(dev)
     h = (torch.randn(d, generator=gen) * 5).to(dev)
     nw = (torch.rand(d, generator=gen) + 0.5).to(dev)
     ws = [wg.to(dev), wu.to(dev)]
@@ -759,7 +759,7 @@ def test_attention_decode_partial_rows(gen, case, rows):
     qn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
     kn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
     scale, eps = 1.0 / math.sqrt(dk), 1e-6
-    out_ref, kc_ref, vc_ref = ref_ops.attention_decode(
+    out_ref, _, vc_ref = ref_ops.attention_decode(
         qkv, kc_, vc_, pos, cos, sin, perm, n_head=nh, scale=scale, eps=eps, window=window,
         q_norm=qn, k_norm=kn)
     kd, vd = kc_.to(dev), vc_.to(dev)

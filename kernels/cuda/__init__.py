@@ -168,9 +168,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # qkv, kc, vc, pos, cos, sin, perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv, max_len,
     # window, scale, eps, stream
     lib.sparsify_attention_decode.argtypes = [p] * 10 + [i] * 6 + [f, f, p]
+    lib.sparsify_attention_decode.restype = i
+    # qkv, qkv_parts, qkv_stride, then as sparsify_attention_decode from kc on
     lib.sparsify_attention_decode_parts.argtypes = [p, i, i] + [p] * 9 + [i] * 6 + [f, f, p]
     lib.sparsify_attention_decode_parts.restype = i
-    lib.sparsify_attention_decode.restype = i
     lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_smem_bytes.restype = z
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
@@ -467,7 +468,7 @@ def sparse_gemv_group(
         strides = {r[1] for r in rows if r[0] > 1}
         _check(len(strides) <= 1, "partial outputs: every out needs the same row stride")
         _check(all(r[0] == y_parts for r in rows), "partial outputs: one row count for all outs")
-        want = group_splits(ws, x, up=up, norm=norm)
+        want = _splits(ws, inp, k, dev)
         _check(y_parts == want, f"partial outputs need {want} rows (the launch's splits), "
                f"got {y_parts}")
         y_stride = strides.pop() if strides else 0
@@ -512,7 +513,6 @@ def _group_input(ws, x, up, act, norm, eps) -> tuple[int, torch.device, _Input]:
         _check(w.dtype == ws[0].dtype, f"ws[{j}] is {w.dtype}, ws[0] {ws[0].dtype}")
         _check(kj == k, f"ws[{j}] has K={kj}, ws[0] K={k}")
     x_parts, x_stride = _check_rows(x, "x", k, dev)
-    code = 0
     if up is not None and up.dim() == 2:
         _check(act in ACTS, f"act must be one of {sorted(ACTS)} with up, got {act!r}")
         _check(_check_rows(up, "up", k, dev) == (x_parts, x_stride),
@@ -537,6 +537,11 @@ def group_splits(ws: list[torch.Tensor], x: torch.Tensor, *, up: torch.Tensor | 
     this device (its split count; ``sparsify_gemv_group_splits``). Nothing is launched."""
     _check(1 <= len(ws) <= MAX_SEGMENTS, f"1 to {MAX_SEGMENTS} segments, got {len(ws)}")
     k, dev, inp = _group_input(ws, x, up, act if up is not None else None, norm, 0.0)
+    return _splits(ws, inp, k, dev)
+
+
+def _splits(ws: list[torch.Tensor], inp: _Input, k: int, dev: torch.device) -> int:
+    """The split count of a grouped launch whose weights and input are already checked."""
     segs = (_Segment * len(ws))()
     for j, w in enumerate(ws):
         segs[j] = _Segment(w.data_ptr(), None, None, None, None, int(w.shape[1]))
@@ -636,9 +641,9 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.sparsify_attention_decode_parts(
-            qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm), out.data_ptr(),
-            n_head, hkv, dk, dv, L, int(window), float(scale), float(eps), stream)
+            qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
+            out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps), stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 

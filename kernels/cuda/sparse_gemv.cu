@@ -233,9 +233,9 @@ struct Params {
   unsigned *counters;  // (tiles,) arrival counters, ticket reduction only
   int ld;              // row stride of `partial` = tiles * TN
   int prefetch_rows;   // rows at the start of each block's chunk hinted into L2 before the wait
-  int x_parts;         // >= 1 partial rows of x (and x_up), x_stride floats apart, summed in order
+  int x_parts;         // >= 1 partial rows of x (and x_up), x_stride floats apart, added in order
   int x_stride;
-  int y_parts;         // nonzero: split-K partials left unreduced, row `split` at y + split * y_stride
+  int y_parts;         // nonzero: split-K sums left unreduced, split s at y + s * y_stride
   int y_stride;
 };
 
@@ -959,7 +959,6 @@ Args group_args(const sparsify_gemv_segment *segs, int nseg, const sparsify_gemv
   a.k = k;
   return a;
 }
-
 
 }  // namespace
 
