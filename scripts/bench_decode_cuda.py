@@ -103,7 +103,8 @@ def fused_failures(junit: Path, prefixes: tuple[str, ...] = FUSED_TESTS,
 def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: int,
         kernels: bool, table_path: Path | None, small: bool,
         formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variants: tuple[int, ...] = (),
-        ab_formats: tuple[str, ...] = (), ab_envs: tuple[str, ...] = ()) -> None:
+        ab_formats: tuple[str, ...] = (), ab_envs: tuple[str, ...] = (),
+        kernel_variants: str = "") -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,8 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
             "the records below use the torch glue")
     if kernels:
         rc = sh([sys.executable, "scripts/bench_kernels_cuda.py", "--out", str(out)]
-                + (["--variants"] if left(deadline) > 400 else []),
+                + (["--variants"] if left(deadline) > 400 else [])
+                + (["--variant-list", kernel_variants] if kernel_variants else []),
                 timeout=max(30, min(180, left(deadline) - 150)))
         log(f"kernel benchmark exit code {rc}")
 
@@ -309,6 +311,9 @@ def main() -> None:
     r.add_argument("--ab-env", action="append", default=[], metavar="NAME=VALUE",
                    help="then benchmark --ab-formats again with this environment setting "
                         "(repeatable: one run per setting)")
+    r.add_argument("--kernel-variants", default="",
+                   help="with --kernels: time only these launch variants besides the default "
+                        "(comma-separated numbers)")
     t = sub.add_parser("table", help="markdown table from JSON records")
     t.add_argument("records", nargs="+", type=Path)
     t.add_argument("-o", "--output", type=Path, required=True)
@@ -316,7 +321,7 @@ def main() -> None:
     if a.cmd == "run":
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
             not a.no_small, tuple(f for f in a.formats.split(",") if f), tuple(a.ab_variant),
-            tuple(f for f in a.ab_formats.split(",") if f), tuple(a.ab_env))
+            tuple(f for f in a.ab_formats.split(",") if f), tuple(a.ab_env), a.kernel_variants)
     else:
         items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
         a.output.write_text(markdown(items))

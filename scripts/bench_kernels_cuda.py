@@ -31,10 +31,11 @@ SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024)]  # (K inputs
 SPARSITIES = [round(0.1 * i, 1) for i in range(10)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 # (variant, blocks_per_sm) pairs; see sparse_gemv.h. (0, 0) is what the public launchers run.
-VARIANTS = [(0, 0), (1, 0), (2, 0), (3, 0), (8, 0), (9, 0), (10, 0), (11, 0), (12, 0), (13, 0)]
+VARIANTS = [(0, 0), (1, 0), (2, 0), (3, 0), (8, 0), (9, 0), (10, 0), (11, 0), (12, 0), (13, 0),
+            (14, 0)]
 VARIANT_NAMES = {0: "default", 1: "unroll4", 2: "nopdl", 3: "cluster", 6: "waves2",
                  7: "waves4", 8: "unroll8", 9: "scfence", 10: "prev", 11: "pf32k",
-                 12: "pf64k", 13: "unroll8pf"}
+                 12: "pf64k", 13: "unroll8pf", 14: "balance"}
 TABLE_LEVELS = (0.0, 0.4, 0.5, 0.9)
 
 
@@ -193,7 +194,7 @@ def bench_shape(k, n, dtypes, variants, copy_bw, l2, dev, gen, reps, records, ch
             raise SystemExit(f"correctness check failed: {dname} {k}x{n} rel err {err:.3g}")
 
         for variant, bps in variants:
-            if variant == 3 and torch.cuda.get_device_capability(dev)[0] < 9:
+            if variant in (3, 14) and torch.cuda.get_device_capability(dev)[0] < 9:
                 continue
 
             def call(i, variant=variant, bps=bps, ws=ws, ss=ss, copies=copies):
@@ -369,6 +370,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--variants", action="store_true", help="also time the launch variants")
+    ap.add_argument("--variant-list", default="",
+                    help="with --variants: only these variant numbers (comma-separated)")
     ap.add_argument("--reps", type=int, default=15, help="timed graph replays per point")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -391,6 +394,12 @@ def main() -> None:
     checks: list[dict] = []
     log(f"launch floor per graph node: {records[0]['median_us']:.2f} us")
     variants = VARIANTS if args.variants else [(0, 0)]
+    if args.variants and args.variant_list:
+        only = {int(v) for v in args.variant_list.split(",")} | {0}
+        unknown = only - set(VARIANT_NAMES)
+        if unknown:
+            raise SystemExit(f"error: unknown variant(s) {sorted(unknown)}")
+        variants = [(v, b) for v, b in VARIANTS if v in only]
     for k, n in SHAPES:
         bench_shape(k, n, list(DTYPES), variants, copy_bw, meta["l2_bytes"], dev, gen,
                     args.reps, records, checks)

@@ -222,11 +222,11 @@ def test_nan_policy(gen, dtype):
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
-    if variant == 3 and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("cluster reduction needs compute capability 9.0")
+    if variant in (3, 14) and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
     k, n = 4096, 1024
     w, scales = make_weights(gen, k, n, dtype)
     # Dense, mid (the pipelined loop's partial batches), and empty active lists.
@@ -255,26 +255,84 @@ def test_variant_environment_override(gen, monkeypatch):
         run(w, x, t)
 
 
+def skewed_input(gen, k: int, where: str) -> torch.Tensor:
+    """x whose large entries sit in one stretch of K (first or last 600 rows, or every 97th row),
+    so that at mid sparsity the kept rows crowd into a few K-splits."""
+    x = torch.randn(k, generator=gen) * 0.01
+    sel = {"head": slice(0, 600), "tail": slice(k - 600, k), "comb": slice(0, k, 97)}[where]
+    x[sel] = torch.randn(x[sel].numel(), generator=gen) * 10
+    return x
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["plain", "normed", "gated", "rows_in", "rows_out"])
+def test_balanced_splits_match_reference(gen, dtype, mode, monkeypatch):
+    # Variant 14 re-cuts the K-splits of each cluster by kept count: every block streams rows
+    # from the other blocks' lists. The product must not change, whichever way the kept rows
+    # fall: spread out, crowded into the first or last split, or none at all.
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", "14")
+    dev = torch.device("cuda")
+    on = lambda t: None if t is None else t.to(dev)
+    for k, n in ((4096, 1024), (1537, 576), (3000, 2304)):
+        w, sc = make_weights(gen, k, n, dtype)
+        wd = w.to(dev)
+        # crowded cases keep fewer rows than the stretch holds, so every kept row is in it
+        for where, sparsity in (("spread", 0.0), ("spread", 0.5), ("head", 1 - 500 / k),
+                                ("tail", 1 - 300 / k), ("comb", 1 - 10 / k), ("spread", 1.0)):
+            x = torch.randn(k, generator=gen) if where == "spread" else skewed_input(gen, k, where)
+            kw, xa, bound_scale = {}, x, 1
+            if mode == "normed":
+                nw = torch.rand(k, generator=gen) + 0.5
+                kw, xa, bound_scale = {"norm": nw.to(dev), "eps": 1e-5}, normed_input(x, nw, 1e-5), 2
+            elif mode == "gated":
+                u = torch.randn(k, generator=gen)
+                kw, xa = {"up": u.to(dev), "act": "silu"}, ref_ops.gated_input(x, u, "silu")
+            elif mode == "rows_in":
+                # three partial rows of the same skew; the kernel adds them in row order
+                parts = torch.stack([x * 0.5, x * 0.3, x * 0.2])
+                xa = (parts[0] + parts[1]) + parts[2]
+            t = threshold_mid(xa.abs(), sparsity)
+            ref = reference(w, xa, t, scales=sc)
+            bound = bound_scale * abs_bound(w, xa, t, scales=sc)
+            if mode == "rows_in":
+                out = torch.full((n,), float("nan"), device=dev)
+                kc.sparse_gemv_group([wd], parts.to(dev), [t], [out], scales=[on(sc)])
+                check(out, ref, bound)
+            elif mode == "rows_out":
+                splits = kc.group_splits([wd], x.to(dev))
+                rows = torch.full((splits, n), float("nan"), device=dev)
+                kc.sparse_gemv_group([wd], x.to(dev), [t], [rows], scales=[on(sc)])
+                r = rows.double().cpu()
+                assert not r.isnan().any(), "a partial row was not written"
+                check(r.sum(0), ref, bound + splits * U32 * r.abs().sum(0))
+            else:
+                check(run(w, x, t, scales=sc, **kw), ref, bound)
+
+
 @on_gpu
 def test_deterministic(gen):
     k, n = 14336, 1024
     w, _ = make_weights(gen, k, n, torch.float16)
     x = torch.randn(k, generator=gen)
     t = threshold_for(x.abs(), 0.4)
-    first = run(w, x, t)
-    for _ in range(3):
-        assert torch.equal(run(w, x, t), first)
+    for variant in (0, 14) if torch.cuda.get_device_capability()[0] >= 9 else (0,):
+        first = run(w, x, t, variant=variant)
+        for _ in range(3):
+            assert torch.equal(run(w, x, t, variant=variant), first)
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 3, 10, 13])
+@pytest.mark.parametrize("variant", [0, 3, 10, 13, 14])
 def test_back_to_back_launches_respect_dependencies(gen, variant):
     # Each step reads the previous step's output and overwrites the buffer the previous step
     # read (read-after-write and write-after-read across kernels). Launched back to back with no
     # host synchronisation, the chain must equal, bit for bit, the same chain synchronised after
     # every step: the kernel is deterministic, so any stale read shows as a difference.
-    if variant == 3 and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("cluster reduction needs compute capability 9.0")
+    if variant in (3, 14) and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
     dev = torch.device("cuda")
     k = 2048
     w = (torch.randn(k, k, generator=gen) / math.sqrt(k)).half().to(dev)

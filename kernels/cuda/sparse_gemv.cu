@@ -313,14 +313,89 @@ __device__ __forceinline__ void consume(const Frag<W, VEC> (&frag)[UNROLL],
   }
 }
 
+// Halves of a cluster barrier (sm_90). arrive publishes this thread's earlier memory accesses
+// to the cluster; wait returns once every thread of the cluster has arrived, with their
+// accesses visible.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// Balanced splits. The blocks of one cluster are consecutive K-splits of one tile, and each
+// holds the compacted list of its chunk's kept rows (idx, xv; nact entries) in K order. In rank
+// order the lists join into the cluster's kept rows in K order; block r takes entries
+// [r T / C, (r + 1) T / C) of the joined list (T entries, C blocks) and copies them through
+// distributed shared memory into `own` (kListRows indices, then kListRows values), so the
+// blocks of a cluster stream within one row of each other where their own chunks' binomial
+// counts differ by several percent, and the slowest of them no longer ends the launch late.
+// Returns the share's length and points *out_idx, *out_xv at it. The barrier inside makes every
+// list complete before any is read; its second half, cluster_wait() in the kernel after the
+// streaming, keeps every list in place until the whole cluster has copied its share. The share
+// fits `own` because the host launches this only when a chunk fits one list (T <= C kListRows).
+__device__ __forceinline__ int balance(int nact, const int *idx, const float *xv, int *own,
+                                       int *list_n, const int **out_idx, const float **out_xv) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) *list_n = nact;
+  cluster.sync();
+  const int c = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  // pre[b]: entries before list b; constant indices only (a run-time index would spill pre).
+  int pre[kMaxClusterSplits + 1];
+  pre[0] = 0;
+#pragma unroll
+  for (int b = 0; b < kMaxClusterSplits; ++b) {
+    pre[b + 1] = pre[b] + (b < c ? *cluster.map_shared_rank(list_n, b) : 0);
+  }
+  const int total = pre[kMaxClusterSplits];
+  const int lo = rank * total / c;
+  const int hi = (rank + 1) * total / c;
+  float *own_xv = reinterpret_cast<float *>(own + kListRows);
+#pragma unroll
+  for (int q = 0; q < kListRows / kThreads; ++q) {
+    const int j = lo + q * kThreads + static_cast<int>(threadIdx.x);
+    if (j < hi) {
+      // the last list starting at or before j holds it (empty lists start where the next does)
+      int src = 0;
+      int off = j;
+#pragma unroll
+      for (int b = 1; b < kMaxClusterSplits; ++b) {
+        if (b < c && pre[b] <= j) {
+          src = b;
+          off = j - pre[b];
+        }
+      }
+      own[j - lo] = cluster.map_shared_rank(idx, src)[off];
+      own_xv[j - lo] = cluster.map_shared_rank(xv, src)[off];
+    }
+  }
+  cluster_arrive();
+  __syncthreads();
+  *out_idx = own;
+  *out_xv = own_xv;
+  return hi - lo;
+#else
+  (void)idx, (void)xv, (void)own, (void)list_n, (void)out_idx, (void)out_xv;
+  return nact;
+#endif
+}
+
 // Template switches: UNROLL loads in flight per lane; HINT the L2 256-byte prefetch hint on
 // weight loads; RED the split-K reduction (kTicket / kCluster); LIGHT the ticket published and
 // observed by one acquire-release atomic after a barrier (else a sequentially consistent fence in
 // every thread around a relaxed atomic); PIPE two batches of UNROLL in registers, the next one's
 // loads issued before the current one is decoded, so that decoding never leaves a lane with no
-// load in flight.
+// load in flight; NORM a normed input; PARTS partial input rows;
+// BAL the K-splits of a cluster re-cut by kept count (balance above).
 template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE, bool NORM,
-          bool PARTS>
+          bool PARTS, bool BAL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
@@ -336,6 +411,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   __shared__ float warp_ss[kWarps];
   // Partial input rows (PARTS): the pass's summed x, then up, staged for the compaction.
   __shared__ float stage[PARTS ? 2 * kListRows : 1];
+  // Balanced splits (BAL): this block's share of its cluster's combined list. The stage buffer
+  // is free once the compaction has read it, so partial-row launches reuse it.
+  __shared__ __align__(16) int bal_own[(BAL && !PARTS) ? 2 * kListRows : 1];
+  __shared__ int list_n;  // this block's compacted count, read by the rest of its cluster
   __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
   __shared__ unsigned ticket;
 
@@ -501,6 +580,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       nact += total;
     }
     __syncthreads();
+    const int *lidx = sm.list.idx;
+    const float *lxv = sm.list.xv;
+    if constexpr (BAL) nact = balance(nact, sm.list.idx, sm.list.xv,
+                                      PARTS ? reinterpret_cast<int *>(stage) : bal_own,
+                                      &list_n, &lidx, &lxv);
 
     // 2. streaming over the active rows
     if (col_ok && nact > 0) {
@@ -511,15 +595,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
         Frag<W, VEC> fb[UNROLL];
         float xb[UNROLL];
         int j = warp;
-        issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j, nact, wcol, row_bytes,
+        issue<W, VEC, UNROLL, HINT>(fa, xa, lidx, lxv, j, nact, wcol, row_bytes,
                                     sg.scales, sg.n_groups, group);
         while (true) {
-          issue<W, VEC, UNROLL, HINT>(fb, xb, sm.list.idx, sm.list.xv, j + kStep, nact, wcol,
+          issue<W, VEC, UNROLL, HINT>(fb, xb, lidx, lxv, j + kStep, nact, wcol,
                                       row_bytes, sg.scales, sg.n_groups, group);
           consume<W, VEC, UNROLL>(fa, xa, j, nact, acc);
           j += kStep;
           if (j >= nact) break;
-          issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j + kStep, nact, wcol,
+          issue<W, VEC, UNROLL, HINT>(fa, xa, lidx, lxv, j + kStep, nact, wcol,
                                       row_bytes, sg.scales, sg.n_groups, group);
           consume<W, VEC, UNROLL>(fb, xb, j, nact, acc);
           j += kStep;
@@ -528,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       } else {
         for (int j = warp; j < nact; j += kStep) {
           // All UNROLL loads are issued before any is used (see load16).
-          issue<W, VEC, UNROLL, HINT>(fa, xa, sm.list.idx, sm.list.xv, j, nact, wcol,
+          issue<W, VEC, UNROLL, HINT>(fa, xa, lidx, lxv, j, nact, wcol,
                                       row_bytes, sg.scales, sg.n_groups, group);
           consume<W, VEC, UNROLL>(fa, xa, j, nact, acc);
         }
@@ -536,6 +620,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
     }
     __syncthreads();  // the list is overwritten by the next pass or by the warp sums
   }
+  // Balanced splits: the rest of the cluster may still read this block's list, which the warp
+  // sums below overwrite (and which must outlive the block).
+  if constexpr (BAL) cluster_wait();
 
   // 3a. warps -> block: column sums in a fixed warp order
   if constexpr (VEC % 4 == 0) {
@@ -693,12 +780,22 @@ struct Args {
   int *plan;       // non-null: store the launch's split count here and launch nothing
 };
 
+// Blocks per cluster for balanced splits: the largest divisor of `splits` up to the portable
+// cluster size, as the cluster must tile the grid's split dimension; 1 = no balancing.
+int balance_cluster(int splits) {
+  for (int c = kMaxClusterSplits; c >= 2; --c) {
+    if (splits % c == 0) return c;
+  }
+  return 1;
+}
+
 template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false,
-          bool NORM = false, bool PARTS = false>
+          bool NORM = false, bool PARTS = false, bool BAL = false>
 cudaError_t launch(const Args &a) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
-  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS>;
+  static_assert(!BAL || RED == kTicket, "balanced splits reduce by ticket");
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, BAL>;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -750,6 +847,36 @@ cudaError_t launch(const Args &a) {
   }
   // Partial outputs have one row per split: the caller sized them from sparsify_gemv_group_splits.
   if (a.y_parts != 0 && a.y_parts != splits) return cudaErrorInvalidValue;
+  // Balanced splits need clusters of two or more splits, each chunk in one pass of the list, and
+  // every cluster resident at once (the grid is one wave); otherwise the same launch without.
+  int cluster = 1;
+  if constexpr (BAL) {
+    cluster = rows <= kListRows ? balance_cluster(splits) : 1;
+    if (cluster > 1) {
+      static std::atomic<int> fit_cache[kMaxDevices][kMaxClusterSplits + 1];
+      int fit = (dev < kMaxDevices) ? fit_cache[dev][cluster].load(std::memory_order_relaxed) : 0;
+      if (fit <= 0) {
+        cudaLaunchConfig_t q = {};
+        q.gridDim = dim3(tiles, splits);
+        q.blockDim = dim3(kThreads);
+        cudaLaunchAttribute ca;
+        ca.id = cudaLaunchAttributeClusterDimension;
+        ca.val.clusterDim.x = 1;
+        ca.val.clusterDim.y = cluster;
+        ca.val.clusterDim.z = 1;
+        q.attrs = &ca;
+        q.numAttrs = 1;
+        err = cudaOccupancyMaxActiveClusters(&fit, kernel, &q);
+        if (err != cudaSuccess) return err;
+        fit = fit < 1 ? 1 : fit;
+        if (dev < kMaxDevices) fit_cache[dev][cluster].store(fit, std::memory_order_relaxed);
+      }
+      if (static_cast<long long>(fit) * cluster < static_cast<long long>(tiles) * splits) {
+        cluster = 1;
+      }
+    }
+    if (cluster == 1) return launch<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, false>(a);
+  }
 
   p.nseg = a.nseg;
   p.x = a.x;
@@ -783,10 +910,10 @@ cudaError_t launch(const Args &a) {
   cfg.stream = a.stream;
   cudaLaunchAttribute attr[2];
   int n_attr = 0;
-  if (RED == kCluster && splits > 1) {
+  if ((RED == kCluster && splits > 1) || cluster > 1) {
     attr[n_attr].id = cudaLaunchAttributeClusterDimension;
     attr[n_attr].val.clusterDim.x = 1;
-    attr[n_attr].val.clusterDim.y = splits;
+    attr[n_attr].val.clusterDim.y = cluster > 1 ? cluster : splits;
     attr[n_attr].val.clusterDim.z = 1;
     ++n_attr;
   }
@@ -882,14 +1009,18 @@ cudaError_t dispatch(const Args &a, int variant) {
   // A normed input runs its own instantiation of the default launch (the norm's extra live
   // values would otherwise push every launch's registers into local memory), for any variant;
   // only the prefetch of variants 11 and 12, a launch parameter, carries over to it.
+  // Variant 14 (balanced splits) carries over to both, too.
+  const bool bal = variant == 14 && major >= 9;
   if (b.norm_w != nullptr) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
     if (variant == 11 || variant == 12) b.prefetch_q = variant == 11 ? 4 : 8;
+    if (bal) return launch<W, VEC, 4, true, kTicket, true, true, true, false, true>(b);
     return launch<W, VEC, 4, true, kTicket, true, true, true>(b);
   }
   // Partial input rows likewise (the staging buffer in shared memory is theirs alone).
   if (b.x_parts > 1) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, false, true>(b);
+    if (bal) return launch<W, VEC, 4, true, kTicket, true, true, false, true, true>(b);
     return launch<W, VEC, 4, true, kTicket, true, true, false, true>(b);
   }
   if (!vec) return launch<W, 1, 8, false, kTicket>(b);
@@ -919,6 +1050,9 @@ cudaError_t dispatch(const Args &a, int variant) {
     case 13:
       b.prefetch_q = 4;
       return launch<W, VEC, 8, true, kTicket>(b);
+    case 14:
+      if (major < 9) return cudaErrorNotSupported;
+      return launch<W, VEC, 4, true, kTicket, true, true, false, false, true>(b);
     default: return cudaErrorInvalidValue;
   }
 }
