@@ -104,8 +104,12 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * consistent fence in every thread around the ticket; 10 both 8 and 9 (the launch of the
  * earlier version); 11 and 12 default plus an L2 prefetch of the first rows of each block's
  * K-chunk before the wait for the previous kernel, 32 or 64 KB per multiprocessor; 13 variant 8
- * plus the 32 KB prefetch. Every variant computes the same function; only 3 sums the splits in
- * another fixed order. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read
+ * plus the 32 KB prefetch; 14 balanced splits (compute capability 9.0+): consecutive K-splits
+ * of a tile form a thread-block cluster, join their lists of kept rows through distributed
+ * shared memory and each stream an equal share of the joined list (the same launch without,
+ * where a split's rows need more than one pass, no cluster size of 2-8 divides the split count,
+ * or the clusters would not all be resident at once). Every variant computes the same function;
+ * 3 sums the splits in another fixed order, and 14 cuts them by kept count. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read
  * at each launch) makes every default launch (variant 0, the plain and grouped entry points
  * too) run variant N.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
