@@ -222,10 +222,10 @@ def test_nan_policy(gen, dtype):
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
-    if variant in (3, 14) and torch.cuda.get_device_capability()[0] < 9:
+    if variant in (3, 14, 15, 16, 17) and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     k, n = 4096, 1024
     w, scales = make_weights(gen, k, n, dtype)

@@ -778,6 +778,8 @@ struct Args {
   int y_parts;     // 0, or the split count, for partial outputs y + split * y_stride
   int y_stride;
   int *plan;       // non-null: store the launch's split count here and launch nothing
+  bool any_fit;    // balanced splits even if their clusters are not all resident at once
+  bool bare_cluster;  // launch in the clusters of balanced splits without balancing (timing)
 };
 
 // Blocks per cluster for balanced splits: the largest divisor of `splits` up to the portable
@@ -871,11 +873,14 @@ cudaError_t launch(const Args &a) {
         fit = fit < 1 ? 1 : fit;
         if (dev < kMaxDevices) fit_cache[dev][cluster].store(fit, std::memory_order_relaxed);
       }
-      if (static_cast<long long>(fit) * cluster < static_cast<long long>(tiles) * splits) {
+      if (!a.any_fit &&
+          static_cast<long long>(fit) * cluster < static_cast<long long>(tiles) * splits) {
         cluster = 1;
       }
     }
     if (cluster == 1) return launch<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, false>(a);
+  } else if (RED == kTicket && a.bare_cluster) {
+    cluster = rows <= kListRows ? balance_cluster(splits) : 1;
   }
 
   p.nseg = a.nseg;
@@ -1002,7 +1007,9 @@ cudaError_t dispatch(const Args &a, int variant) {
   int major = 0;
   err = device_major(dev, &major);
   if (err != cudaSuccess) return err;
-  b.pdl = major >= 9 && variant != 2;
+  b.pdl = major >= 9 && variant != 2 && variant != 15;
+  b.any_fit = variant == 16;
+  b.bare_cluster = variant == 17;
   b.waves = 1;
   b.prefetch_q = 0;
 
@@ -1010,7 +1017,7 @@ cudaError_t dispatch(const Args &a, int variant) {
   // values would otherwise push every launch's registers into local memory), for any variant;
   // only the prefetch of variants 11 and 12, a launch parameter, carries over to it.
   // Variant 14 (balanced splits) carries over to both, too.
-  const bool bal = variant == 14 && major >= 9;
+  const bool bal = (variant == 14 || variant == 15 || variant == 16) && major >= 9;
   if (b.norm_w != nullptr) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
     if (variant == 11 || variant == 12) b.prefetch_q = variant == 11 ? 4 : 8;
@@ -1051,8 +1058,13 @@ cudaError_t dispatch(const Args &a, int variant) {
       b.prefetch_q = 4;
       return launch<W, VEC, 8, true, kTicket>(b);
     case 14:
+    case 15:
+    case 16:
       if (major < 9) return cudaErrorNotSupported;
       return launch<W, VEC, 4, true, kTicket, true, true, false, false, true>(b);
+    case 17:
+      if (major < 9) return cudaErrorNotSupported;
+      return launch<W, VEC, 4, true, kTicket, true, true>(b);
     default: return cudaErrorInvalidValue;
   }
 }

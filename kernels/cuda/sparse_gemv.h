@@ -108,7 +108,10 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * of a tile form a thread-block cluster, join their lists of kept rows through distributed
  * shared memory and each stream an equal share of the joined list (the same launch without,
  * where a split's rows need more than one pass, no cluster size of 2-8 divides the split count,
- * or the clusters would not all be resident at once). Every variant computes the same function;
+ * or the clusters would not all be resident at once); 15 variant 14 without programmatic
+ * dependent launch; 16 variant 14 even where its clusters are not all resident at once; 17 the
+ * default launched in variant 14's clusters, without balancing (the cost of clusters). Every
+ * variant computes the same function;
  * 3 sums the splits in another fixed order, and 14 cuts them by kept count. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read
  * at each launch) makes every default launch (variant 0, the plain and grouped entry points
  * too) run variant N.
