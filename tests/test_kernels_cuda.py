@@ -222,7 +222,8 @@ def test_nan_policy(gen, dtype):
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+                                     18])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
     if variant in (3, 14, 15, 16, 17) and torch.cuda.get_device_capability()[0] < 9:
@@ -267,16 +268,19 @@ def skewed_input(gen, k: int, where: str) -> torch.Tensor:
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["plain", "normed", "gated", "rows_in", "rows_out"])
-def test_balanced_splits_match_reference(gen, dtype, mode, monkeypatch):
-    # Variant 14 re-cuts the K-splits of each cluster by kept count: every block streams rows
-    # from the other blocks' lists. The product must not change, whichever way the kept rows
-    # fall: spread out, crowded into the first or last split, or none at all.
-    if torch.cuda.get_device_capability()[0] < 9:
+@pytest.mark.parametrize("variant", [14, 18])
+def test_balanced_splits_match_reference(gen, dtype, mode, variant, monkeypatch):
+    # Variants 14 and 18 cut the K-splits by kept count: every block streams rows of other
+    # blocks' chunks (14: from their lists, through the cluster; 18: from a whole-K compaction
+    # of its own). The product must not change, whichever way the kept rows fall: spread out,
+    # crowded into the first or last split, a sparse comb, or none at all.
+    if variant == 14 and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
-    monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", "14")
+    monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", str(variant))
     dev = torch.device("cuda")
     on = lambda t: None if t is None else t.to(dev)
-    for k, n in ((4096, 1024), (1537, 576), (3000, 2304)):
+    # 8192 is variant 18's largest K; 8193 takes the chunked launch
+    for k, n in ((4096, 1024), (1537, 576), (3000, 2304), (8192, 512), (8193, 256)):
         w, sc = make_weights(gen, k, n, dtype)
         wd = w.to(dev)
         # crowded cases keep fewer rows than the stretch holds, so every kept row is in it
@@ -318,14 +322,14 @@ def test_deterministic(gen):
     w, _ = make_weights(gen, k, n, torch.float16)
     x = torch.randn(k, generator=gen)
     t = threshold_for(x.abs(), 0.4)
-    for variant in (0, 14) if torch.cuda.get_device_capability()[0] >= 9 else (0,):
+    for variant in (0, 14, 18) if torch.cuda.get_device_capability()[0] >= 9 else (0, 18):
         first = run(w, x, t, variant=variant)
         for _ in range(3):
             assert torch.equal(run(w, x, t, variant=variant), first)
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 3, 10, 13, 14])
+@pytest.mark.parametrize("variant", [0, 3, 10, 13, 14, 18])
 def test_back_to_back_launches_respect_dependencies(gen, variant):
     # Each step reads the previous step's output and overwrites the buffer the previous step
     # read (read-after-write and write-after-read across kernels). Launched back to back with no

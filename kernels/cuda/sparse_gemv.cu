@@ -48,6 +48,9 @@ constexpr int kMaxSplits = 64;
 constexpr int kPrefetchBytesPerSM = 32 * 1024;
 // Portable cluster size limit.
 constexpr int kMaxClusterSplits = 8;
+// Largest K for which each block of a globally balanced launch (variant 18) reads all of x.
+constexpr int kGlobalMaxK = 8192;
+constexpr int kGlobalSlots = kGlobalMaxK / kThreads * kWarps;
 constexpr int kGroup = SPARSIFY_GEMV_INT8_GROUP;
 constexpr int kMaxDevices = 64;
 constexpr int kMaxSegs = SPARSIFY_GEMV_MAX_SEGMENTS;
@@ -387,15 +390,142 @@ __device__ __forceinline__ int balance(int nact, const int *idx, const float *xv
 #endif
 }
 
+// Hint to bring the 128-byte line holding p into L1 (and L2). Only for data that no kernel
+// still running may write: issued after the dependency wait.
+__device__ __forceinline__ void prefetch_l1(const void *p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+#endif
+}
+
+// Globally balanced compaction (variant 18). Every block of the launch evaluates keep[i] for
+// all K inputs of its segment (the resident blocks of one multiprocessor read the same x, so
+// after the first block the reads are L1 hits), counts them per round and warp, and from the
+// exclusive prefix of those counts knows where each kept row falls in the segment's kept list
+// of T rows, in K order. Split s stores entries [s T / S, (s + 1) T / S) of that list (S
+// splits), so the splits of a tile stream within one row of each other where their own
+// chunks' binomial counts differ by several percent; a second pass over only the rounds that
+// hold its share writes them, with the keep bits of the first (so the two passes cannot
+// disagree). `cnt` holds kGlobalSlots + 1 ints, `bits` kGlobalSlots words, `red` one float per
+// warp.
+// The host launches this only for K <= kGlobalMaxK and shares of at most kListRows rows.
+template <bool NORM>
+__device__ __forceinline__ int compact_global(const Params &p, const Seg &sg, float thr,
+                                              int split, int splits, int *idx, float *xv,
+                                              int *cnt, unsigned *bits, float *red) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int k = p.k;
+  const float *second = NORM ? p.norm_w : p.x_up;  // at most one of them in a launch
+  if (second != nullptr) {
+    for (int i = tid * 32; i < k; i += kThreads * 32) prefetch_l1(second + i);
+  }
+  const float nscale = NORM ? rms_scale(p.x, k, p.norm_eps, red) : 1.0f;
+  const int rounds = ceil_div(k, kThreads);
+  constexpr int kR = 8;  // rounds whose inputs are loaded together
+  // The input of row i and whether it is kept (the criterion of the chunked compaction).
+  auto eval = [&](int i, float xi, float ui, float fi, bool *keep) {
+    if (NORM) {
+      xi = xi * nscale * ui;
+    } else if (p.x_up != nullptr) {
+      xi = gated(xi, ui, p.act);
+    }
+    float score = fabsf(xi);
+    if (sg.factor != nullptr) score *= fi;
+    *keep = i < k && !(score <= thr);
+    return xi;
+  };
+  // pass 1: kept rows per (round, warp)
+  for (int r0 = 0; r0 < rounds; r0 += kR) {
+    float xr[kR], ur[kR], fr[kR];
+#pragma unroll
+    for (int q = 0; q < kR; ++q) {
+      const int i = (r0 + q) * kThreads + tid;
+      const bool in = i < k;
+      xr[q] = in ? __ldg(p.x + i) : 0.0f;
+      ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
+      fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < kR; ++q) {
+      if (r0 + q >= rounds) break;
+      bool keep;
+      eval((r0 + q) * kThreads + tid, xr[q], ur[q], fr[q], &keep);
+      const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+      if (lane == 0) {
+        cnt[(r0 + q) * kWarps + warp] = __popc(ballot);
+        bits[(r0 + q) * kWarps + warp] = ballot;
+      }
+    }
+  }
+  __syncthreads();
+  // exclusive prefix over the slots in (round, warp) order, by warp 0; the total after them
+  const int slots = rounds * kWarps;
+  if (warp == 0) {
+    constexpr int kPer = kGlobalSlots / 32;
+    int v[kPer];
+    int sum = 0;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int j = lane * kPer + e;
+      v[e] = j < slots ? cnt[j] : 0;
+      sum += v[e];
+    }
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    int run = incl - sum;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int j = lane * kPer + e;
+      if (j < slots) cnt[j] = run;
+      run += v[e];
+    }
+    if (lane == 31) cnt[kGlobalSlots] = incl;
+  }
+  __syncthreads();
+  const int total = cnt[kGlobalSlots];
+  const int lo = static_cast<int>(static_cast<long long>(split) * total / splits);
+  const int hi = static_cast<int>(static_cast<long long>(split + 1) * total / splits);
+  // pass 2: the rounds that hold entries of [lo, hi) (block-uniform bounds)
+  for (int r = 0; r < rounds; ++r) {
+    const int first = cnt[r * kWarps];
+    const int next = r + 1 < rounds ? cnt[(r + 1) * kWarps] : total;
+    if (next <= lo) continue;
+    if (first >= hi) break;
+    const int i = r * kThreads + tid;
+    const bool in = i < k;
+    const float x0 = in ? __ldg(p.x + i) : 0.0f;
+    const float u0 = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
+    const float f0 = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
+    bool unused;
+    const float xi = eval(i, x0, u0, f0, &unused);
+    const unsigned ballot = bits[r * kWarps + warp];
+    const bool keep = (ballot >> lane) & 1u;
+    const int pos = cnt[r * kWarps + warp] + __popc(ballot & ((1u << lane) - 1u));
+    if (keep && pos >= lo && pos < hi) {
+      idx[pos - lo] = i;
+      xv[pos - lo] = xi;
+    }
+  }
+  __syncthreads();
+  return hi - lo;
+}
+
 // Template switches: UNROLL loads in flight per lane; HINT the L2 256-byte prefetch hint on
 // weight loads; RED the split-K reduction (kTicket / kCluster); LIGHT the ticket published and
 // observed by one acquire-release atomic after a barrier (else a sequentially consistent fence in
 // every thread around a relaxed atomic); PIPE two batches of UNROLL in registers, the next one's
 // loads issued before the current one is decoded, so that decoding never leaves a lane with no
 // load in flight; NORM a normed input; PARTS partial input rows;
-// BAL the K-splits of a cluster re-cut by kept count (balance above).
+// BAL the K-splits of a cluster re-cut by kept count (balance above); GBAL every split cut from
+// the whole kept list (compact_global above).
 template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT, bool PIPE, bool NORM,
-          bool PARTS, bool BAL>
+          bool PARTS, bool BAL, bool GBAL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(const Params p) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
@@ -415,6 +545,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   // is free once the compaction has read it, so partial-row launches reuse it.
   __shared__ __align__(16) int bal_own[(BAL && !PARTS) ? 2 * kListRows : 1];
   __shared__ int list_n;  // this block's compacted count, read by the rest of its cluster
+  __shared__ int gcount[GBAL ? kGlobalSlots + 1 : 1];  // GBAL: kept counts, then their prefix
+  __shared__ unsigned gbits[GBAL ? kGlobalSlots : 1];   // GBAL: keep bits per (round, warp)
   __shared__ float csum[TN];  // this block's column sums (cluster reduction reads it remotely)
   __shared__ unsigned ticket;
 
@@ -479,107 +611,112 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
 
   for (int c0 = k_begin; c0 < k_end; c0 += kListRows) {
     const int c1 = min(k_end, c0 + kListRows);
-    // 1. compaction of the active rows of [c0, c1). Every input this pass needs (x, up,
-    // factor: at most kRounds per thread) is loaded before the first ballot, so the pass waits
-    // for one L2 round trip instead of one per round of kThreads rows.
-    constexpr int kRounds = kListRows / kThreads;
-    if constexpr (PARTS) {
-      // The input arrives as x_parts partial rows (a producer's unreduced split-K sums): add
-      // them in row order into shared memory first. Each thread keeps kU elements times kP rows
-      // of loads in flight, so a few rows cost one L2 round trip, as a single row does.
-      constexpr int kU = 4;
-      constexpr int kP = 4;
-      const int n = c1 - c0;
-      const int total = p.x_up != nullptr ? 2 * n : n;
-      for (int e0 = tid; e0 < total; e0 += kU * kThreads) {
-        float a[kU];
-        const float *src[kU];
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int e = min(e0 + u * kThreads, total - 1);
-          src[u] = e < n ? p.x + c0 + e : p.x_up + c0 + (e - n);
-          a[u] = 0.0f;
-        }
-        for (int p0 = 0; p0 < p.x_parts; p0 += kP) {
-          float v[kU][kP];
-#pragma unroll
+    int nact = 0;
+    if constexpr (GBAL) {
+      nact = compact_global<NORM>(p, sg, thr, split, splits, sm.list.idx, sm.list.xv,
+                                  gcount, gbits, warp_ss);
+    } else {
+      // 1. compaction of the active rows of [c0, c1). Every input this pass needs (x, up,
+      // factor: at most kRounds per thread) is loaded before the first ballot, so the pass waits
+      // for one L2 round trip instead of one per round of kThreads rows.
+      constexpr int kRounds = kListRows / kThreads;
+      if constexpr (PARTS) {
+        // The input arrives as x_parts partial rows (a producer's unreduced split-K sums): add
+        // them in row order into shared memory first. Each thread keeps kU elements times kP rows
+        // of loads in flight, so a few rows cost one L2 round trip, as a single row does.
+        constexpr int kU = 4;
+        constexpr int kP = 4;
+        const int n = c1 - c0;
+        const int total = p.x_up != nullptr ? 2 * n : n;
+        for (int e0 = tid; e0 < total; e0 += kU * kThreads) {
+          float a[kU];
+          const float *src[kU];
+  #pragma unroll
           for (int u = 0; u < kU; ++u) {
-#pragma unroll
-            for (int q = 0; q < kP; ++q) {
-              const bool ok = e0 + u * kThreads < total && p0 + q < p.x_parts;
-              v[u][q] = ok ? __ldg(src[u] + static_cast<size_t>(p0 + q) * p.x_stride) : 0.0f;
+            const int e = min(e0 + u * kThreads, total - 1);
+            src[u] = e < n ? p.x + c0 + e : p.x_up + c0 + (e - n);
+            a[u] = 0.0f;
+          }
+          for (int p0 = 0; p0 < p.x_parts; p0 += kP) {
+            float v[kU][kP];
+  #pragma unroll
+            for (int u = 0; u < kU; ++u) {
+  #pragma unroll
+              for (int q = 0; q < kP; ++q) {
+                const bool ok = e0 + u * kThreads < total && p0 + q < p.x_parts;
+                v[u][q] = ok ? __ldg(src[u] + static_cast<size_t>(p0 + q) * p.x_stride) : 0.0f;
+              }
+            }
+  #pragma unroll
+            for (int u = 0; u < kU; ++u) {
+  #pragma unroll
+              for (int q = 0; q < kP; ++q) a[u] += v[u][q];
             }
           }
-#pragma unroll
+  #pragma unroll
           for (int u = 0; u < kU; ++u) {
-#pragma unroll
-            for (int q = 0; q < kP; ++q) a[u] += v[u][q];
+            if (e0 + u * kThreads < total) stage[e0 + u * kThreads] = a[u];
           }
         }
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          if (e0 + u * kThreads < total) stage[e0 + u * kThreads] = a[u];
+        __syncthreads();
+      }
+      float xr[kRounds];
+      float ur[kRounds];
+      float fr[kRounds];
+  #pragma unroll
+      for (int q = 0; q < kRounds; ++q) {
+        const int i = c0 + q * kThreads + tid;
+        const bool in = i < c1;
+        // up (gated input) or the norm weight (normed input): a launch has at most one of them
+        const float *second = NORM ? p.norm_w : p.x_up;
+        if constexpr (PARTS) {
+          xr[q] = in ? stage[i - c0] : 0.0f;
+          ur[q] = (in && second != nullptr) ? stage[(c1 - c0) + (i - c0)] : 0.0f;
+        } else {
+          xr[q] = in ? __ldg(p.x + i) : 0.0f;
+          ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
         }
+        fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
+      }
+      if (NORM && c0 == k_begin) nscale = rms_scale(p.x, p.k, p.norm_eps, warp_ss);
+  #pragma unroll
+      for (int q = 0; q < kRounds; ++q) {
+        const int base = c0 + q * kThreads;
+        if (base >= c1) break;  // block-uniform
+        const int i = base + tid;
+        float xi = xr[q];
+        bool keep = false;
+        if (i < c1) {
+          if (NORM) {
+            xi = xi * nscale * ur[q];  // the order of add_rms_norm: h[i] * s * w[i]
+          } else if (p.x_up != nullptr) {
+            xi = gated(xi, ur[q], p.act);
+          }
+          float score = fabsf(xi);
+          if (sg.factor != nullptr) score *= fr[q];
+          keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
+        }
+        const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+        const int buf = q & 1;  // double buffer: one barrier per round suffices
+        if (lane == 0) warp_count[buf][warp] = __popc(ballot);
+        __syncthreads();
+        int offset = nact;
+        int total = 0;
+  #pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const int cnt = warp_count[buf][w];
+          offset += (w < warp) ? cnt : 0;
+          total += cnt;
+        }
+        if (keep) {
+          const int pos = offset + __popc(ballot & ((1u << lane) - 1u));
+          sm.list.idx[pos] = i;
+          sm.list.xv[pos] = xi;
+        }
+        nact += total;
       }
       __syncthreads();
     }
-    float xr[kRounds];
-    float ur[kRounds];
-    float fr[kRounds];
-#pragma unroll
-    for (int q = 0; q < kRounds; ++q) {
-      const int i = c0 + q * kThreads + tid;
-      const bool in = i < c1;
-      // up (gated input) or the norm weight (normed input): a launch has at most one of them
-      const float *second = NORM ? p.norm_w : p.x_up;
-      if constexpr (PARTS) {
-        xr[q] = in ? stage[i - c0] : 0.0f;
-        ur[q] = (in && second != nullptr) ? stage[(c1 - c0) + (i - c0)] : 0.0f;
-      } else {
-        xr[q] = in ? __ldg(p.x + i) : 0.0f;
-        ur[q] = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
-      }
-      fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
-    }
-    if (NORM && c0 == k_begin) nscale = rms_scale(p.x, p.k, p.norm_eps, warp_ss);
-    int nact = 0;
-#pragma unroll
-    for (int q = 0; q < kRounds; ++q) {
-      const int base = c0 + q * kThreads;
-      if (base >= c1) break;  // block-uniform
-      const int i = base + tid;
-      float xi = xr[q];
-      bool keep = false;
-      if (i < c1) {
-        if (NORM) {
-          xi = xi * nscale * ur[q];  // the order of add_rms_norm: h[i] * s * w[i]
-        } else if (p.x_up != nullptr) {
-          xi = gated(xi, ur[q], p.act);
-        }
-        float score = fabsf(xi);
-        if (sg.factor != nullptr) score *= fr[q];
-        keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
-      }
-      const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-      const int buf = q & 1;  // double buffer: one barrier per round suffices
-      if (lane == 0) warp_count[buf][warp] = __popc(ballot);
-      __syncthreads();
-      int offset = nact;
-      int total = 0;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const int cnt = warp_count[buf][w];
-        offset += (w < warp) ? cnt : 0;
-        total += cnt;
-      }
-      if (keep) {
-        const int pos = offset + __popc(ballot & ((1u << lane) - 1u));
-        sm.list.idx[pos] = i;
-        sm.list.xv[pos] = xi;
-      }
-      nact += total;
-    }
-    __syncthreads();
     const int *lidx = sm.list.idx;
     const float *lxv = sm.list.xv;
     if constexpr (BAL) nact = balance(nact, sm.list.idx, sm.list.xv,
@@ -792,12 +929,13 @@ int balance_cluster(int splits) {
 }
 
 template <int W, int VEC, int UNROLL, bool HINT, int RED, bool LIGHT = true, bool PIPE = false,
-          bool NORM = false, bool PARTS = false, bool BAL = false>
+          bool NORM = false, bool PARTS = false, bool BAL = false, bool GBAL = false>
 cudaError_t launch(const Args &a) {
   constexpr int TN = 32 * VEC;
   constexpr int kBytes = Elem<W>::kBytes;
   static_assert(!BAL || RED == kTicket, "balanced splits reduce by ticket");
-  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, BAL>;
+  static_assert(!(BAL && GBAL) && !(GBAL && PARTS), "one balancing, on a reduced input");
+  auto kernel = gemv_kernel<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, BAL, GBAL>;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -881,6 +1019,13 @@ cudaError_t launch(const Args &a) {
     if (cluster == 1) return launch<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, false>(a);
   } else if (RED == kTicket && a.bare_cluster) {
     cluster = rows <= kListRows ? balance_cluster(splits) : 1;
+  }
+  // Globally balanced splits: every block reads all of x, so only for K up to kGlobalMaxK; a
+  // share must fit one list.
+  if constexpr (GBAL) {
+    if (splits < 2 || rows > kListRows || a.k > kGlobalMaxK) {
+      return launch<W, VEC, UNROLL, HINT, RED, LIGHT, PIPE, NORM, PARTS, false, false>(a);
+    }
   }
 
   p.nseg = a.nseg;
@@ -1017,11 +1162,15 @@ cudaError_t dispatch(const Args &a, int variant) {
   // values would otherwise push every launch's registers into local memory), for any variant;
   // only the prefetch of variants 11 and 12, a launch parameter, carries over to it.
   // Variant 14 (balanced splits) carries over to both, too.
+  // Variant 18 (globally balanced splits) carries over to normed inputs.
   const bool bal = (variant == 14 || variant == 15 || variant == 16) && major >= 9;
   if (b.norm_w != nullptr) {
     if (!vec) return launch<W, 1, 8, false, kTicket, true, false, true>(b);
     if (variant == 11 || variant == 12) b.prefetch_q = variant == 11 ? 4 : 8;
     if (bal) return launch<W, VEC, 4, true, kTicket, true, true, true, false, true>(b);
+    if (variant == 18) {
+      return launch<W, VEC, 4, true, kTicket, true, true, true, false, false, true>(b);
+    }
     return launch<W, VEC, 4, true, kTicket, true, true, true>(b);
   }
   // Partial input rows likewise (the staging buffer in shared memory is theirs alone).
@@ -1065,6 +1214,7 @@ cudaError_t dispatch(const Args &a, int variant) {
     case 17:
       if (major < 9) return cudaErrorNotSupported;
       return launch<W, VEC, 4, true, kTicket, true, true>(b);
+    case 18: return launch<W, VEC, 4, true, kTicket, true, true, false, false, false, true>(b);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -110,11 +110,13 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * where a split's rows need more than one pass, no cluster size of 2-8 divides the split count,
  * or the clusters would not all be resident at once); 15 variant 14 without programmatic
  * dependent launch; 16 variant 14 even where its clusters are not all resident at once; 17 the
- * default launched in variant 14's clusters, without balancing (the cost of clusters). Every
- * variant computes the same function;
- * 3 sums the splits in another fixed order, and 14 cuts them by kept count. For benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read
- * at each launch) makes every default launch (variant 0, the plain and grouped entry points
- * too) run variant N.
+ * default launched in variant 14's clusters, without balancing (the cost of clusters); 18
+ * globally balanced splits: every block evaluates the criterion for all K inputs of its segment
+ * and streams split s's equal share of the whole kept list (for K <= 8192 and plain, gated or
+ * normed inputs; the default launch otherwise). Every variant computes the same function; 3
+ * sums the splits in another fixed order, and 14-16 and 18 cut them by kept count. For
+ * benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read at each launch) makes
+ * every default launch (variant 0, the plain and grouped entry points too) run variant N.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
  */
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
