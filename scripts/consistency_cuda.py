@@ -50,15 +50,16 @@ def write_table(record_paths: list[str], out: str) -> None:
     prefix per prompt."""
     recs = [(Path(p).name, json.loads(Path(p).read_text())) for p in record_paths]
     rec = recs[0][1]
-    lines = [f"# GPU decode against the torch forward ({rec['device']}, driver "
-             f"{rec.get('driver', '?')}, torch {rec['torch']})", "",
-             f"Greedy continuations of {rec['rows'][0]['tokens']} tokens from 3 prompts, made by "
-             "`scripts/consistency_cuda.py`; the record of each row is named in its first "
-             "column, with the time of its run. Each cell: "
-             "tokens equal before the first difference, per prompt, and in brackets torch's "
-             "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
-             "weights; 'rounded': torch over the engine's rounded weights. Teacher-forced: "
-             "steps where the engine, fed torch's (float32) sequence, picks torch's token.", "",
+    title = (f"# GPU decode against the torch forward ({rec['device']}, driver "
+             f"{rec.get('driver', '?')}, torch {rec['torch']})")
+    legend = (f"Greedy continuations of {rec['rows'][0]['tokens']} tokens from 3 prompts, made by "
+              "`scripts/consistency_cuda.py`; the record of each row is named in its first "
+              "column, with the time of its run. Each cell: "
+              "tokens equal before the first difference, per prompt, and in brackets torch's "
+              "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
+              "weights; 'rounded': torch over the engine's rounded weights. Teacher-forced: "
+              "steps where the engine, fed torch's (float32) sequence, picks torch's token.")
+    lines = [title, "", legend, "",
              "| record | model | format | level | vs float32 | vs rounded | teacher-forced |",
              "|---|---|---|---|---|---|---|"]
 

@@ -757,12 +757,24 @@ ATTN_CASES = [  # n_head, n_head_kv, dk, dv, max_len, pos, window, qk_norm, neox
 ]
 
 
-@on_gpu
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
-def test_attention_decode_matches_reference(gen, case):
+def check_attention(gen, case, rows: int = 0) -> None:
+    """The attention kernel on one case against the reference: q/k/v as one vector (rows = 0)
+    or as `rows` unreduced split rows of the q/k/v GEMV, which the kernel adds (in its own fixed
+    order) before use, against the reference on their float32 sum in row order. Checks the
+    output, the new key and value at pos, and that no other cache entry moved."""
     nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
     dev = torch.device("cuda")
-    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen)
+    width = nh * dk + nkv * (dk + dv)
+    if rows:
+        buf = torch.randn(rows, width + 9, generator=gen) / math.sqrt(rows)
+        parts = buf[:, 3:3 + width]  # a row stride wider than the rows
+        qkv = parts[0].clone()
+        for r in range(1, rows):
+            qkv = qkv + parts[r]
+        arg = buf.to(dev)[:, 3:3 + width]
+    else:
+        qkv = torch.randn(width, generator=gen)
+        arg = qkv.to(dev)
     kc_, vc_ = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
     # NaN wherever the kernel must not read: after pos, and before the window.
     t0 = max(0, pos - window + 1) if window else 0
@@ -778,9 +790,9 @@ def test_attention_decode_matches_reference(gen, case):
         q_norm=qn, k_norm=kn)
     kd, vd = kc_.to(dev), vc_.to(dev)
     out = torch.full((nh * dv,), float("nan"), device=dev)
-    kc.attention_decode(qkv.to(dev), kd, vd, torch.tensor([pos], device=dev), cos.to(dev),
-                        sin.to(dev), perm.to(dev), out, n_head=nh, scale=scale, eps=eps,
-                        window=window, q_norm=None if qn is None else qn.to(dev),
+    kc.attention_decode(arg, kd, vd, torch.tensor([pos], device=dev), cos.to(dev), sin.to(dev),
+                        perm.to(dev), out, n_head=nh, scale=scale, eps=eps, window=window,
+                        q_norm=None if qn is None else qn.to(dev),
                         k_norm=None if kn is None else kn.to(dev))
     torch.cuda.synchronize()
     got = out.double().cpu()
@@ -789,11 +801,17 @@ def test_attention_decode_matches_reference(gen, case):
     # the result's scale; a missing key, a wrong rotation or a wrong head is >= 1e-2.
     err = float((got - out_ref).abs().max() / out_ref.abs().max())
     assert err < 2e-5, err
-    # The cache: position pos holds the rotated key (float32 rounding) and the value (exact);
-    # every other entry is untouched, NaN included.
+    # The cache: position pos holds the rotated key (float32 rounding; the rows' sum in another
+    # order adds a few ulps) and the value (exact from one vector; from rows, their sum in the
+    # kernel's order); every other entry is untouched, NaN included.
     assert float((kd[:, pos].double().cpu() - kc_ref[:, pos]).abs().max()) < 1e-5 * float(
         kc_ref[:, pos].abs().max())
-    assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].float())
+    if rows:
+        vs = vd[:, pos].double().cpu()
+        assert float((vs - vc_ref[:, pos]).abs().max()) <= rows * 4 * U32 * float(
+            buf.abs().sum(0).max())
+    else:
+        assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].float())
     others = torch.ones(L, dtype=torch.bool)
     others[pos] = False
     for got_c, want_c in ((kd, kc_), (vd, vc_)):
@@ -802,43 +820,17 @@ def test_attention_decode_matches_reference(gen, case):
 
 
 @on_gpu
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
+def test_attention_decode_matches_reference(gen, case):
+    check_attention(gen, case)
+
+
+@on_gpu
 @pytest.mark.parametrize("rows", [2, 7, 22, 40])
 @pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[2], ATTN_CASES[3]],
                          ids=lambda c: "h{}-{}_d{}-{}".format(*c[:4]))
 def test_attention_decode_partial_rows(gen, case, rows):
-    # qkv as the unreduced split rows of the q/k/v GEMV: the kernel adds them (in its own fixed
-    # order) before use; against the reference on their float32 sum.
-    nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
-    dev = torch.device("cuda")
-    width = nh * dk + nkv * (dk + dv)
-    buf = torch.randn(rows, width + 9, generator=gen) / math.sqrt(rows)
-    parts = buf[:, 3:3 + width]
-    qkv = parts[0].clone()
-    for r in range(1, rows):
-        qkv = qkv + parts[r]
-    kc_, vc_ = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
-    cos, sin, perm = rope_tables(gen, L, dk, neox)
-    qn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
-    kn = torch.rand(dk, generator=gen) + 0.5 if qk_norm else None
-    scale, eps = 1.0 / math.sqrt(dk), 1e-6
-    out_ref, _, vc_ref = ref_ops.attention_decode(
-        qkv, kc_, vc_, pos, cos, sin, perm, n_head=nh, scale=scale, eps=eps, window=window,
-        q_norm=qn, k_norm=kn)
-    kd, vd = kc_.to(dev), vc_.to(dev)
-    out = torch.full((nh * dv,), float("nan"), device=dev)
-    kc.attention_decode(buf.to(dev)[:, 3:3 + width], kd, vd, torch.tensor([pos], device=dev),
-                        cos.to(dev), sin.to(dev), perm.to(dev), out, n_head=nh, scale=scale,
-                        eps=eps, window=window, q_norm=None if qn is None else qn.to(dev),
-                        k_norm=None if kn is None else kn.to(dev))
-    torch.cuda.synchronize()
-    got = out.double().cpu()
-    assert not torch.isnan(got).any()
-    err = float((got - out_ref).abs().max() / out_ref.abs().max())
-    assert err < 2e-5, err
-    # The new value is the rows' sum: float32 in another order, so within a few ulps.
-    vs = vd[:, pos].double().cpu()
-    assert float((vs - vc_ref[:, pos]).abs().max()) <= rows * 4 * U32 * float(
-        buf.abs().sum(0).max())
+    check_attention(gen, case, rows)
 
 
 @on_gpu
