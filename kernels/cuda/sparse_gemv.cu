@@ -251,6 +251,25 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
   return 0.5f * g * (1.0f + tanhf(inner)) * u;
 }
 
+// The input a row contributes and whether it is kept: x (plain), act(x) * second (gated, second
+// = up) or x * nscale * second (normed, second = the norm weight, in add_rms_norm's order
+// h[i] * s * w[i]); kept unless its score |x'| (times the factor, if any) is <= thr, so a NaN
+// score is kept and NaN propagates as in a dense product.
+template <bool NORM>
+__device__ __forceinline__ float kept_input(const Params &p, const Seg &sg, float thr,
+                                            float nscale, float x, float second, float factor,
+                                            bool *keep) {
+  if (NORM) {
+    x = x * nscale * second;
+  } else if (p.x_up != nullptr) {
+    x = gated(x, second, p.act);
+  }
+  float score = fabsf(x);
+  if (sg.factor != nullptr) score *= factor;
+  *keep = !(score <= thr);
+  return x;
+}
+
 // Normed input: rsqrt(mean(x^2) + eps) over all K inputs, the same value in every thread and
 // every block: each block sums the whole x itself in one fixed order (thread-strided partial
 // sums, lanes by butterfly, warps in index order), so the blocks agree bit for bit without
@@ -424,18 +443,6 @@ __device__ __forceinline__ int compact_global(const Params &p, const Seg &sg, fl
   const float nscale = NORM ? rms_scale(p.x, k, p.norm_eps, red) : 1.0f;
   const int rounds = ceil_div(k, kThreads);
   constexpr int kR = 8;  // rounds whose inputs are loaded together
-  // The input of row i and whether it is kept (the criterion of the chunked compaction).
-  auto eval = [&](int i, float xi, float ui, float fi, bool *keep) {
-    if (NORM) {
-      xi = xi * nscale * ui;
-    } else if (p.x_up != nullptr) {
-      xi = gated(xi, ui, p.act);
-    }
-    float score = fabsf(xi);
-    if (sg.factor != nullptr) score *= fi;
-    *keep = i < k && !(score <= thr);
-    return xi;
-  };
   // pass 1: kept rows per (round, warp)
   for (int r0 = 0; r0 < rounds; r0 += kR) {
     float xr[kR], ur[kR], fr[kR];
@@ -450,8 +457,10 @@ __device__ __forceinline__ int compact_global(const Params &p, const Seg &sg, fl
 #pragma unroll
     for (int q = 0; q < kR; ++q) {
       if (r0 + q >= rounds) break;
-      bool keep;
-      eval((r0 + q) * kThreads + tid, xr[q], ur[q], fr[q], &keep);
+      bool keep = false;
+      if ((r0 + q) * kThreads + tid < k) {
+        kept_input<NORM>(p, sg, thr, nscale, xr[q], ur[q], fr[q], &keep);
+      }
       const unsigned ballot = __ballot_sync(0xffffffffu, keep);
       if (lane == 0) {
         cnt[(r0 + q) * kWarps + warp] = __popc(ballot);
@@ -503,7 +512,7 @@ __device__ __forceinline__ int compact_global(const Params &p, const Seg &sg, fl
     const float u0 = (in && second != nullptr) ? __ldg(second + i) : 0.0f;
     const float f0 = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
     bool unused;
-    const float xi = eval(i, x0, u0, f0, &unused);
+    const float xi = kept_input<NORM>(p, sg, thr, nscale, x0, u0, f0, &unused);
     const unsigned ballot = bits[r * kWarps + warp];
     const bool keep = (ballot >> lane) & 1u;
     const int pos = cnt[r * kWarps + warp] + __popc(ballot & ((1u << lane) - 1u));
@@ -631,7 +640,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
         for (int e0 = tid; e0 < total; e0 += kU * kThreads) {
           float a[kU];
           const float *src[kU];
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < kU; ++u) {
             const int e = min(e0 + u * kThreads, total - 1);
             src[u] = e < n ? p.x + c0 + e : p.x_up + c0 + (e - n);
@@ -639,21 +648,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
           }
           for (int p0 = 0; p0 < p.x_parts; p0 += kP) {
             float v[kU][kP];
-  #pragma unroll
+#pragma unroll
             for (int u = 0; u < kU; ++u) {
-  #pragma unroll
+#pragma unroll
               for (int q = 0; q < kP; ++q) {
                 const bool ok = e0 + u * kThreads < total && p0 + q < p.x_parts;
                 v[u][q] = ok ? __ldg(src[u] + static_cast<size_t>(p0 + q) * p.x_stride) : 0.0f;
               }
             }
-  #pragma unroll
+#pragma unroll
             for (int u = 0; u < kU; ++u) {
-  #pragma unroll
+#pragma unroll
               for (int q = 0; q < kP; ++q) a[u] += v[u][q];
             }
           }
-  #pragma unroll
+#pragma unroll
           for (int u = 0; u < kU; ++u) {
             if (e0 + u * kThreads < total) stage[e0 + u * kThreads] = a[u];
           }
@@ -663,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
       float xr[kRounds];
       float ur[kRounds];
       float fr[kRounds];
-  #pragma unroll
+#pragma unroll
       for (int q = 0; q < kRounds; ++q) {
         const int i = c0 + q * kThreads + tid;
         const bool in = i < c1;
@@ -679,30 +688,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
         fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
       }
       if (NORM && c0 == k_begin) nscale = rms_scale(p.x, p.k, p.norm_eps, warp_ss);
-  #pragma unroll
+#pragma unroll
       for (int q = 0; q < kRounds; ++q) {
         const int base = c0 + q * kThreads;
         if (base >= c1) break;  // block-uniform
         const int i = base + tid;
         float xi = xr[q];
         bool keep = false;
-        if (i < c1) {
-          if (NORM) {
-            xi = xi * nscale * ur[q];  // the order of add_rms_norm: h[i] * s * w[i]
-          } else if (p.x_up != nullptr) {
-            xi = gated(xi, ur[q], p.act);
-          }
-          float score = fabsf(xi);
-          if (sg.factor != nullptr) score *= fr[q];
-          keep = !(score <= thr);  // NaN score: kept, so NaN propagates as in a dense product
-        }
+        if (i < c1) xi = kept_input<NORM>(p, sg, thr, nscale, xi, ur[q], fr[q], &keep);
         const unsigned ballot = __ballot_sync(0xffffffffu, keep);
         const int buf = q & 1;  // double buffer: one barrier per round suffices
         if (lane == 0) warp_count[buf][warp] = __popc(ballot);
         __syncthreads();
         int offset = nact;
         int total = 0;
-  #pragma unroll
+#pragma unroll
         for (int w = 0; w < kWarps; ++w) {
           const int cnt = warp_count[buf][w];
           offset += (w < warp) ? cnt : 0;
