@@ -278,3 +278,29 @@ def test_fused_step_follows_torch_glue(models):
         assert tf == tg
         # float32 glue in another order: ~1e-6 of the logit scale; a wrong kernel is >= 1e-2.
         assert float((lf - lg).abs().max()) <= 1e-4 * float(lg.abs().max())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+@pytest.mark.parametrize("weight_aware", [False, True], ids=["magnitude", "weight-aware"])
+def test_attn_output_prefetch_changes_nothing(models, fmt, weight_aware):
+    """The attention kernel's L2 prefetch of attn_output's kept rows is a hint: with and without
+    it the step gives the same tokens and bit-identical logits, dense and sparse."""
+    from sparsify.engine_cuda import CUDAEngine
+
+    loaded = models("synthetic-small")
+    ids = _prompt(loaded)
+    on = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=True)
+    off = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=False)
+    assert on.prefetch and not off.prefetch
+    names = loaded.cfg.projection_names
+    scale = 0.5 if weight_aware else 0.02
+    levels = [None, {n: scale * (1 + j % 3) for j, n in enumerate(names)}]
+    for thr in levels:
+        runs = []
+        for eng in (on, off):
+            eng.set_thresholds(thr, weight_aware and thr is not None)
+            toks = eng.generate(ids, 16)
+            runs.append((toks, eng.logits.cpu().clone()))
+        assert runs[0][0] == runs[1][0]
+        assert torch.equal(runs[0][1], runs[1][1])

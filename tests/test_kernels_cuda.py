@@ -834,6 +834,53 @@ def test_attention_decode_partial_rows(gen, case, rows):
 
 
 @on_gpu
+@pytest.mark.parametrize("fmt,n,weight_aware", [
+    ("fp16", 4096, False), ("bf16", 1000, True), ("int8", 4096, True), ("fp16", 1001, False),
+    ("int8", 200, False)], ids=lambda v: str(v))
+def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
+    """Told about the next projection (attn_output), the kernel prefetches the rows it will keep
+    into L2 (one bulk prefetch per row where rows are 16-byte multiples, per line otherwise):
+    a hint, so the output and the cache are bit for bit those of the launch without it. The
+    threshold keeps about half the rows, so both branches run in every block."""
+    nh, nkv, dk, dv, L, pos = 8, 2, 64, 64, 50, 31
+    dev = torch.device("cuda")
+    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen).to(dev)
+    kc0, vc0 = (torch.randn(nkv, L, d, generator=gen).to(dev) for d in (dk, dv))
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+    rows = nh * dv
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}[fmt]
+    if fmt == "int8":
+        w = torch.randint(-127, 128, (rows, n), generator=gen, dtype=torch.int8).to(dev)
+        scales = torch.rand(rows, -(-n // kc.INT8_GROUP), generator=gen).to(dev)
+    else:
+        w = torch.randn(rows, n, generator=gen).to(dtype).to(dev)
+        scales = None
+    factor = (torch.rand(rows, generator=gen) + 0.5).to(dev) if weight_aware else None
+
+    def run(**nxt):
+        kd, vd = kc0.clone(), vc0.clone()
+        out = torch.full((rows,), float("nan"), device=dev)
+        kc.attention_decode(qkv, kd, vd, torch.tensor([pos], device=dev), cos, sin, perm, out,
+                            n_head=nh, scale=0.125, **nxt)
+        torch.cuda.synchronize()
+        return out, kd, vd
+
+    plain = run()
+    score = plain[0].abs() * (factor if factor is not None else 1.0)
+    thr = score.median().view(1)
+    results = [plain, run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor)]
+    out = plain[0]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="next_threshold"):
+        kc.attention_decode(qkv, kc0, vc0, torch.tensor([pos], device=dev), cos, sin, perm, out,
+                            n_head=nh, scale=0.125, next_w=w)
+    with pytest.raises(ValueError, match="next_w"):
+        kc.attention_decode(qkv, kc0, vc0, torch.tensor([pos], device=dev), cos, sin, perm, out,
+                            n_head=nh, scale=0.125, next_w=w[1:], next_threshold=thr)
+
+
+@on_gpu
 def test_attention_decode_position_out_of_range(gen):
     dev = torch.device("cuda")
     nh, nkv, dk, L = 4, 2, 16, 10

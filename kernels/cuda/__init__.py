@@ -145,6 +145,14 @@ class _Input(ctypes.Structure):
                 ("y_stride", ctypes.c_int)]
 
 
+class _NextRows(ctypes.Structure):
+    """sparsify_next_rows (decode_ops.h)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("row_bytes", ctypes.c_size_t),
+                ("scales", ctypes.c_void_p), ("scale_row", ctypes.c_int),
+                ("factor", ctypes.c_void_p), ("threshold", ctypes.c_void_p)]
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, z, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_float
     lib.sparsify_gemv_workspace_bytes.argtypes = [i, i]
@@ -172,6 +180,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # qkv, qkv_parts, qkv_stride, then as sparsify_attention_decode from kc on
     lib.sparsify_attention_decode_parts.argtypes = [p, i, i] + [p] * 9 + [i] * 6 + [f, f, p]
     lib.sparsify_attention_decode_parts.restype = i
+    # as sparsify_attention_decode_parts, then next (sparsify_next_rows *), stream
+    lib.sparsify_attention_decode_next.argtypes = ([p, i, i] + [p] * 9 + [i] * 6 + [f, f]
+                                                   + [ctypes.POINTER(_NextRows), p])
+    lib.sparsify_attention_decode_next.restype = i
     lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_smem_bytes.restype = z
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
@@ -595,8 +607,10 @@ def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | i
 def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, perm: torch.Tensor, out: torch.Tensor,
                      *, n_head: int, scale: float, eps: float = 0.0, window: int = 0,
-                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                     next_w: torch.Tensor | None = None, next_threshold: torch.Tensor | None = None,
+                     next_scales: torch.Tensor | None = None,
+                     next_factor: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
@@ -611,6 +625,10 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         out: (n_head * dv,) float32 result, head-major.
         scale: multiplies q.k; window: sliding window (0: causal only); q_norm/k_norm: (dk,)
             per-head RMS-norm weights applied before RoPE (both or neither), with ``eps``.
+        next_w, next_threshold, next_scales, next_factor: the projection that reads ``out``
+            next, as :func:`sparse_gemv` takes it ((n_head * dv, N) input-major weights, its
+            (1,) threshold, int8 scales, weight-aware factor): the rows it will keep are
+            prefetched into L2 as each head finishes. A hint only: ``out`` is the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
     dev = kc.device
@@ -637,13 +655,32 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     _check(window >= 0, f"window must be >= 0, got {window}")
     _check(attention_supported(dk, dv, L, dev),
            f"attention_decode does not run dk={dk}, dv={dv}, max_len={L} (decode_ops.h limits)")
+    nxt = None
+    if next_w is not None:
+        rows = n_head * dv
+        _check(next_threshold is not None, "next_w needs next_threshold")
+        _check(next_w.device == dev and next_w.dim() == 2 and next_w.shape[0] == rows
+               and next_w.is_contiguous() and next_w.dtype in _WTYPE,
+               f"next_w must be contiguous fp16/bf16/int8 ({rows}, N) on {dev}")
+        _check_vec(next_threshold, "next_threshold", (1,), dev)
+        if next_factor is not None:
+            _check_vec(next_factor, "next_factor", (rows,), dev)
+        _check((next_scales is not None) == (next_w.dtype == torch.int8),
+               "next_scales go with int8 next_w, and only with it")
+        groups = -(-int(next_w.shape[1]) // INT8_GROUP)
+        if next_scales is not None:
+            _check_vec(next_scales, "next_scales", (rows, groups), dev)
+        nxt = _NextRows(next_w.data_ptr(), next_w.shape[1] * next_w.element_size(),
+                        _ptr(next_scales), groups if next_scales is not None else 0,
+                        _ptr(next_factor), next_threshold.data_ptr())
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.sparsify_attention_decode_parts(
+        rc = lib.sparsify_attention_decode_next(
             qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
-            out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps), stream)
+            out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
+            ctypes.byref(nxt) if nxt is not None else None, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 

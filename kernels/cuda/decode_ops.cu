@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdlib.h>
 
 #include <atomic>
 
@@ -24,13 +25,28 @@ constexpr int kValuesPerThread = 4;  // value rows one thread has in flight
 constexpr int kPartFloats = 4 * kAttnThreads;
 constexpr int kMaxDevices = 64;
 
-__device__ __forceinline__ void wait_previous_grid() {
+__device__ __forceinline__ void wait_previous_grid(bool wait = true) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch (a no-op without it): the previous kernel's writes are
-  // visible after the wait; the next kernel may then begin its launch early.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // visible after the wait; the next kernel may then begin its launch early. `wait` is false
+  // only under the timing diagnostic SPARSIFY_DIAG_NO_WAIT (results are then wrong).
+  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// L2 prefetch of `bytes` bytes from `p` (a hint: no value any load sees changes). One bulk
+// prefetch when the range is 16-byte aligned on compute capability 9.0+, else one per line.
+__device__ __forceinline__ void prefetch_l2_range(const char *p, unsigned bytes, bool bulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (bulk) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+    return;
+  }
+#endif
+  for (unsigned o = 0; o < bytes; o += 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -100,6 +116,15 @@ struct AttnParams {
   int parts, stride;  // qkv is `parts` partial rows `stride` floats apart, added here
   int n_head, n_head_kv, dk, dv, max_len, window;
   float scale, eps;
+  // The projection that reads out (sparsify_next_rows): rows it keeps are prefetched into L2.
+  const char *next_w;  // NULL: no prefetch
+  const float *next_scales;
+  const float *next_factor;
+  const float *next_threshold;
+  unsigned next_row_bytes, next_scale_bytes;
+  int next_scale_row;  // floats per scale row
+  bool next_bulk;      // every prefetched range is 16-byte aligned
+  bool wait;           // false only under SPARSIFY_DIAG_NO_WAIT
 };
 
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
@@ -115,7 +140,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *s = vn + dv;   // (max_len rounded up to 4) scores, then softmax numerators
   float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
   __shared__ float red[32];
-  wait_previous_grid();
+  wait_previous_grid(p.wait);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -299,11 +324,33 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   for (int i = tid; i < dv; i += blockDim.x) {
     float o = 0.0f;
     for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
-    out[i] = o / sum;
+    o /= sum;
+    out[i] = o;
+    if (p.next_w != nullptr) {
+      // The next projection keeps input row r = h * dv + i unless score <= t (its own
+      // criterion, NaN kept): start fetching that row while this launch and the next one's
+      // start drain, so its first loads find the row in L2.
+      const size_t r = static_cast<size_t>(h) * dv + i;
+      const float f = p.next_factor != nullptr ? p.next_factor[r] : 1.0f;
+      if (!(fabsf(o) * f <= *p.next_threshold)) {
+        prefetch_l2_range(p.next_w + r * p.next_row_bytes, p.next_row_bytes, p.next_bulk);
+        if (p.next_scales != nullptr) {
+          prefetch_l2_range(reinterpret_cast<const char *>(p.next_scales + r * p.next_scale_row),
+                            p.next_scale_bytes, p.next_bulk);
+        }
+      }
+    }
   }
 }
 
 bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr) % b == 0; }
+
+// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, see sparse_gemv.h): bit 4 makes attention skip
+// the wait for the kernel before it.
+int diag_no_wait() {
+  const char *v = getenv("SPARSIFY_DIAG_NO_WAIT");
+  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
+}
 
 cudaError_t device_major(int *major) {
   static std::atomic<int> cache[kMaxDevices];
@@ -380,7 +427,27 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
                                             int n_head_kv, int dk, int dv, int max_len,
                                             int window, float scale, float eps,
                                             cudaStream_t stream) {
+  return sparsify_attention_decode_next(qkv, qkv_parts, qkv_stride, kc, vc, pos, cos_t, sin_t,
+                                        perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv,
+                                        max_len, window, scale, eps, nullptr, stream);
+}
+
+cudaError_t sparsify_attention_decode_next(const float *qkv, int qkv_parts, int qkv_stride,
+                                           float *kc, float *vc, const int64_t *pos,
+                                           const float *cos_t, const float *sin_t,
+                                           const int32_t *perm, const float *q_norm,
+                                           const float *k_norm, float *out, int n_head,
+                                           int n_head_kv, int dk, int dv, int max_len,
+                                           int window, float scale, float eps,
+                                           const sparsify_next_rows *next, cudaStream_t stream) {
   if (qkv_parts < 1) return cudaErrorInvalidValue;
+  if (next != nullptr &&
+      (next->w == nullptr || next->threshold == nullptr || next->row_bytes == 0 ||
+       next->row_bytes > (1u << 30) || !aligned(next->threshold, 4) ||
+       !aligned(next->factor, 4) || !aligned(next->scales, 4) ||
+       (next->scales != nullptr && (next->scale_row < 1 || next->scale_row > (1 << 24))))) {
+    return cudaErrorInvalidValue;
+  }
   if (qkv_parts > 1 && qkv_stride < n_head * dk + n_head_kv * (dk + dv)) {
     return cudaErrorInvalidValue;
   }
@@ -437,6 +504,17 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
   p.window = window;
   p.scale = scale;
   p.eps = eps;
+  p.next_w = next != nullptr ? static_cast<const char *>(next->w) : nullptr;
+  p.next_scales = next != nullptr ? next->scales : nullptr;
+  p.next_factor = next != nullptr ? next->factor : nullptr;
+  p.next_threshold = next != nullptr ? next->threshold : nullptr;
+  p.next_row_bytes = next != nullptr ? static_cast<unsigned>(next->row_bytes) : 0u;
+  p.next_scale_row = (next != nullptr && next->scales != nullptr) ? next->scale_row : 0;
+  p.next_scale_bytes = static_cast<unsigned>(p.next_scale_row) * 4u;
+  p.next_bulk = next != nullptr && aligned(next->w, 16) && p.next_row_bytes % 16 == 0 &&
+                (next->scales == nullptr || (aligned(next->scales, 16) &&
+                                             p.next_scale_bytes % 16 == 0));
+  p.wait = (diag_no_wait() & 4) == 0;
   return launch(attention_kernel, n_head, kAttnThreads, smem, stream, p);
 }
 

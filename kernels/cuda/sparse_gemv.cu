@@ -240,6 +240,7 @@ struct Params {
   int x_stride;
   int y_parts;         // nonzero: split-K sums left unreduced, split s at y + s * y_stride
   int y_stride;
+  int wait;            // 0 only under the timing diagnostic SPARSIFY_DIAG_NO_WAIT
 };
 
 // The activations of sparsify.model, in float32 as torch computes them (F.silu: x / (1 + e^-x);
@@ -606,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   // the next kernel start launching, so its launch latency hides behind this kernel's streaming
   // and reduction tail. The next kernel's blocks only run once every block of this grid has
   // started, so they cannot starve it.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (p.wait) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
   const float thr = __ldg(sg.threshold);
@@ -919,6 +920,12 @@ struct Args {
   bool bare_cluster;  // launch in the clusters of balanced splits without balancing (timing)
 };
 
+// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, sparse_gemv.h): which launches skip the wait.
+int diag_no_wait() {
+  const char *v = getenv("SPARSIFY_DIAG_NO_WAIT");
+  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
+}
+
 // Blocks per cluster for balanced splits: the largest divisor of `splits` up to the portable
 // cluster size, as the cluster must tile the grid's split dimension; 1 = no balancing.
 int balance_cluster(int splits) {
@@ -1040,6 +1047,14 @@ cudaError_t launch(const Args &a) {
   p.x_stride = a.x_stride;
   p.y_parts = a.y_parts;
   p.y_stride = a.y_stride;
+  p.wait = 1;
+  if (const int bits = diag_no_wait()) {
+    // Timing diagnostic: launches that read another kernel's per-tile products skip the wait.
+    const bool parts_in = a.x_parts > 1;
+    const bool plain_acc = a.accumulate && a.x_parts <= 1 && a.x_up == nullptr &&
+                           a.norm_w == nullptr;
+    if (((bits & 1) && parts_in) || ((bits & 2) && plain_acc)) p.wait = 0;
+  }
   p.rows_per_block = rows;
   // Rows per block so that the resident blocks of one SM prefetch the budget together.
   p.prefetch_rows = static_cast<int>(static_cast<long long>(kPrefetchBytesPerSM) * a.prefetch_q /

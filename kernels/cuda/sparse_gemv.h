@@ -118,6 +118,14 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read at each launch) makes
  * every default launch (variant 0, the plain and grouped entry points too) run variant N.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
+ *
+ * Timing diagnostic (not for use): SPARSIFY_DIAG_NO_WAIT=BITS, read at each launch, makes some
+ * launches skip programmatic dependent launch's wait for the kernel before them, so they read
+ * an input that may still be being written and compute wrong results: bit 1 launches with
+ * partial input rows (x_parts > 1: ffn_down after a gate/up with partial outputs), bit 2
+ * accumulating launches of a plain input (attn_output after attention); decode_ops.h's bit 4
+ * does the same for attention. The step time then bounds what a dependency per tile, instead
+ * of per grid, could save.
  */
 cudaError_t sparsify_gemv_tuned(int wtype, const void *w, const float *scales, const float *x,
                                 const float *factor, const float *threshold, float *y, int k,
