@@ -248,7 +248,11 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "the q/k/v and gate/up GEMVs and the residual adds inside attn_output and "
              "ffn_down, five launches per block instead of seven; *deferred q/k/v+gate/up*: "
              "those launches leave their split-K partial sums unreduced, added by the "
-             "attention kernel and ffn_down); `code` is the version in the record's file "
+             "attention kernel and ffn_down; *prefetched*: the attention kernel's L2 "
+             "prefetch of the attn_output rows that GEMV keeps, or of the cache rows it "
+             "reads; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
+             "1 ffn_down, 2 attn_output, 4 attention skip the wait for the kernel before, "
+             "a timing bound only); `code` is the version in the record's file "
              "name (`_vN`: an earlier record of that card; latest: that card's most recent "
              "record; kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
@@ -277,6 +281,13 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
         if deferred:
             step += ", deferred " + "+".join({"qkv": "q/k/v", "ffn": "gate/up"}[k]
                                              for k in deferred)
+        if r.get("prefetch_attn_output"):
+            step += ", attn_output rows prefetched"
+        if r.get("prefetch_cache"):
+            step += ", cache rows prefetched"
+        bits = (r.get("environment") or {}).get("SPARSIFY_DIAG_NO_WAIT")
+        if bits:
+            step += f", **diagnostic: no wait {bits}, wrong results**"
         for lv in r["levels"]:
             sp = f"{lv['speedup']:.2f}x" if lv.get("speedup") else "–"
             lines.append(

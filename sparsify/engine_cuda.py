@@ -27,8 +27,10 @@ split, which the attention kernel and the ffn_down GEMV add while they read thei
 neither launch has a reduction tail (``defer=False``, or ``SPARSIFY_CUDA_DEFER=0``, keeps the
 reduction in the GEMVs; ``"qkv"`` or ``"ffn"`` defers one of the two; it is kept anyway where a
 launch has more splits than ``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``). The attention kernel knows
-attn_output's input before that GEMV starts, so it prefetches into L2 the weight rows the GEMV
-will keep (``prefetch=False``, or ``SPARSIFY_CUDA_PREFETCH=0``, turns this hint off).
+attn_output's input before that GEMV starts, and can prefetch into L2 the weight rows the GEMV
+will keep (``prefetch=True``, or ``SPARSIFY_CUDA_PREFETCH=1``; off by default: it measured
+slower, kernels/cuda/NOTES.md); it can also prefetch the cache rows it will read before it
+waits for the q/k/v GEMV (``prefetch_cache`` / ``SPARSIFY_CUDA_PREFETCH_CACHE``).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -114,7 +116,8 @@ class CUDAEngine:
     def __init__(self, loaded, fmt: str = "fp16", max_len: int = 2048,
                  device: str | torch.device = "cuda", use_graph: bool = True,
                  fused: bool | None = None, fold_norms: bool | None = None,
-                 defer: bool | str | None = None, prefetch: bool | None = None) -> None:
+                 defer: bool | str | None = None, prefetch: bool | None = None,
+                 prefetch_cache: bool | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -178,8 +181,11 @@ class CUDAEngine:
             raise ValueError(f"defer must be True, False, 'qkv' or 'ffn', got {defer!r}")
         self._plan_deferred(which if self.fused else ())
         if prefetch is None:
-            prefetch = os.environ.get("SPARSIFY_CUDA_PREFETCH", "1") != "0"
+            prefetch = os.environ.get("SPARSIFY_CUDA_PREFETCH", "0") == "1"
         self.prefetch = bool(prefetch) and self.fused
+        if prefetch_cache is None:
+            prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "0") == "1"
+        self.prefetch_cache = bool(prefetch_cache) and self.fused
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -503,10 +509,10 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            nxt = {}
+            nxt = {"prefetch_cache": self.prefetch_cache}
             if self.prefetch and self._skip_gemv is None:
-                nxt = {"next_w": o.w, "next_threshold": o.threshold, "next_scales": o.scales,
-                       "next_factor": o.norms if self.weight_aware else None}
+                nxt.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
+                           next_factor=o.norms if self.weight_aware else None)
             K.attention_decode(qkv, self.kc[i], self.vc[i], self.pos, cos, sin,
                                self.rope_perm32, self.att, n_head=c.n_head, scale=c.attn_scale,
                                eps=eps, window=c.sliding_window if c.swa_layers[i] else 0,
@@ -803,7 +809,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,
         "glue_ms_per_step": glue, "fused": engine.fused, "fold_norms": engine.fold_norms,
         "deferred_reduction": {"qkv": engine.defer_qkv, "ffn": engine.defer_ffn},
-        "prefetch_attn_output": engine.prefetch,
+        "prefetch_attn_output": engine.prefetch, "prefetch_cache": engine.prefetch_cache,
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},

@@ -283,16 +283,19 @@ def test_fused_step_follows_torch_glue(models):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
 @pytest.mark.parametrize("fmt", ["fp16", "int8"])
 @pytest.mark.parametrize("weight_aware", [False, True], ids=["magnitude", "weight-aware"])
-def test_attn_output_prefetch_changes_nothing(models, fmt, weight_aware):
-    """The attention kernel's L2 prefetch of attn_output's kept rows is a hint: with and without
-    it the step gives the same tokens and bit-identical logits, dense and sparse."""
+def test_attention_prefetches_change_nothing(models, fmt, weight_aware):
+    """The attention kernel's L2 prefetches (attn_output's kept rows, the cache rows it reads)
+    are hints: with and without them the step gives the same tokens and bit-identical logits,
+    dense and sparse."""
     from sparsify.engine_cuda import CUDAEngine
 
     loaded = models("synthetic-small")
     ids = _prompt(loaded)
-    on = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=True)
-    off = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=False)
-    assert on.prefetch and not off.prefetch
+    on = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=True,
+                    prefetch_cache=True)
+    off = CUDAEngine(loaded, fmt=fmt, max_len=96, device=DEVICE, prefetch=False,
+                     prefetch_cache=False)
+    assert on.prefetch and on.prefetch_cache and not (off.prefetch or off.prefetch_cache)
     names = loaded.cfg.projection_names
     scale = 0.5 if weight_aware else 0.02
     levels = [None, {n: scale * (1 + j % 3) for j, n in enumerate(names)}]

@@ -839,9 +839,10 @@ def test_attention_decode_partial_rows(gen, case, rows):
     ("int8", 200, False)], ids=lambda v: str(v))
 def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
     """Told about the next projection (attn_output), the kernel prefetches the rows it will keep
-    into L2 (one bulk prefetch per row where rows are 16-byte multiples, per line otherwise):
-    a hint, so the output and the cache are bit for bit those of the launch without it. The
-    threshold keeps about half the rows, so both branches run in every block."""
+    into L2 (one bulk prefetch per row where rows are 16-byte multiples, per line otherwise),
+    and the cache rows before pos ahead of its wait: hints, so the output and the cache are bit
+    for bit those of the launch without them. The threshold keeps about half the rows, so both
+    branches run in every block."""
     nh, nkv, dk, dv, L, pos = 8, 2, 64, 64, 50, 31
     dev = torch.device("cuda")
     qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen).to(dev)
@@ -868,7 +869,8 @@ def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
     plain = run()
     score = plain[0].abs() * (factor if factor is not None else 1.0)
     thr = score.median().view(1)
-    results = [plain, run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor)]
+    results = [plain, run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor,
+                          prefetch_cache=True)]
     out = plain[0]
     for a, b in zip(*results):
         assert torch.equal(a, b)

@@ -180,10 +180,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # qkv, qkv_parts, qkv_stride, then as sparsify_attention_decode from kc on
     lib.sparsify_attention_decode_parts.argtypes = [p, i, i] + [p] * 9 + [i] * 6 + [f, f, p]
     lib.sparsify_attention_decode_parts.restype = i
-    # as sparsify_attention_decode_parts, then next (sparsify_next_rows *), stream
-    lib.sparsify_attention_decode_next.argtypes = ([p, i, i] + [p] * 9 + [i] * 6 + [f, f]
-                                                   + [ctypes.POINTER(_NextRows), p])
-    lib.sparsify_attention_decode_next.restype = i
+    # as sparsify_attention_decode_parts, then next (sparsify_next_rows *), flags, stream
+    lib.sparsify_attention_decode_ex.argtypes = ([p, i, i] + [p] * 9 + [i] * 6 + [f, f]
+                                                 + [ctypes.POINTER(_NextRows), i, p])
+    lib.sparsify_attention_decode_ex.restype = i
     lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_smem_bytes.restype = z
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
@@ -610,7 +610,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
                      next_w: torch.Tensor | None = None, next_threshold: torch.Tensor | None = None,
                      next_scales: torch.Tensor | None = None,
-                     next_factor: torch.Tensor | None = None) -> torch.Tensor:
+                     next_factor: torch.Tensor | None = None,
+                     prefetch_cache: bool = False) -> torch.Tensor:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
@@ -628,7 +629,10 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         next_w, next_threshold, next_scales, next_factor: the projection that reads ``out``
             next, as :func:`sparse_gemv` takes it ((n_head * dv, N) input-major weights, its
             (1,) threshold, int8 scales, weight-aware factor): the rows it will keep are
-            prefetched into L2 as each head finishes. A hint only: ``out`` is the same.
+            prefetched into L2 as each head finishes.
+        prefetch_cache: prefetch into L2, before waiting for the previous kernel, the cache
+            rows before ``pos`` that the heads will read.
+        The prefetches are hints only: ``out`` and the caches come out the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
     dev = kc.device
@@ -676,11 +680,11 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.sparsify_attention_decode_next(
+        rc = lib.sparsify_attention_decode_ex(
             qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
             out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
-            ctypes.byref(nxt) if nxt is not None else None, stream)
+            ctypes.byref(nxt) if nxt is not None else None, 1 if prefetch_cache else 0, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 

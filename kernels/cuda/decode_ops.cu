@@ -124,8 +124,38 @@ struct AttnParams {
   unsigned next_row_bytes, next_scale_bytes;
   int next_scale_row;  // floats per scale row
   bool next_bulk;      // every prefetched range is 16-byte aligned
+  bool prefetch_cache;  // L2 prefetch of the visible cache rows before the wait
   bool wait;           // false only under SPARSIFY_DIAG_NO_WAIT
 };
+
+// Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
+// L2 the cache rows this head's group will read, positions t0 .. pos - 1, which earlier steps
+// wrote; the rep query heads of a group take a share each. A hint only: pos is read here
+// without the wait, and the values used later are read again after it.
+__device__ void prefetch_cache_rows(const AttnParams &p, int h, int g, int rep) {
+  const long long pos = *p.pos;
+  if (pos <= 0 || pos >= p.max_len) return;
+  const long long t0 = p.window > 0 ? max(0LL, pos - p.window + 1) : 0;
+  const long long share = (pos - t0 + rep - 1) / rep;
+  const long long r0 = t0 + (h % rep) * share;
+  const long long r1 = min(pos, r0 + share);
+  if (r1 <= r0) return;
+  // 16 KB pieces, one per thread: 16-byte aligned, since dk and dv are multiples of 4
+  constexpr unsigned kPiece = 16384;
+  const char *ranges[2] = {
+      reinterpret_cast<const char *>(p.kc + (static_cast<size_t>(g) * p.max_len + r0) * p.dk),
+      reinterpret_cast<const char *>(p.vc + (static_cast<size_t>(g) * p.max_len + r0) * p.dv)};
+  const size_t bytes[2] = {static_cast<size_t>(r1 - r0) * p.dk * 4,
+                           static_cast<size_t>(r1 - r0) * p.dv * 4};
+  for (int c = 0; c < 2; ++c) {
+    for (size_t o = static_cast<size_t>(threadIdx.x) * kPiece; o < bytes[c];
+         o += static_cast<size_t>(blockDim.x) * kPiece) {
+      const size_t left = bytes[c] - o;
+      prefetch_l2_range(ranges[c] + o, static_cast<unsigned>(left < kPiece ? left : kPiece),
+                        true);
+    }
+  }
+}
 
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
   extern __shared__ float4 smem4[];
@@ -140,14 +170,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *s = vn + dv;   // (max_len rounded up to 4) scores, then softmax numerators
   float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
   __shared__ float red[32];
-  wait_previous_grid(p.wait);
-
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int h = blockIdx.x;
   const int rep = p.n_head / p.n_head_kv;
   const int g = h / rep;
+  if (p.prefetch_cache) prefetch_cache_rows(p, h, g, rep);
+  wait_previous_grid(p.wait);
+
   const long long pos = *p.pos;
   float *out = p.out + static_cast<size_t>(h) * dv;
   if (pos < 0 || pos >= p.max_len) {  // uniform across the block: no barrier is skipped
@@ -427,20 +458,23 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
                                             int n_head_kv, int dk, int dv, int max_len,
                                             int window, float scale, float eps,
                                             cudaStream_t stream) {
-  return sparsify_attention_decode_next(qkv, qkv_parts, qkv_stride, kc, vc, pos, cos_t, sin_t,
+  return sparsify_attention_decode_ex(qkv, qkv_parts, qkv_stride, kc, vc, pos, cos_t, sin_t,
                                         perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv,
-                                        max_len, window, scale, eps, nullptr, stream);
+                                        max_len, window, scale, eps, nullptr, 0, stream);
 }
 
-cudaError_t sparsify_attention_decode_next(const float *qkv, int qkv_parts, int qkv_stride,
+cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qkv_stride,
                                            float *kc, float *vc, const int64_t *pos,
                                            const float *cos_t, const float *sin_t,
                                            const int32_t *perm, const float *q_norm,
                                            const float *k_norm, float *out, int n_head,
                                            int n_head_kv, int dk, int dv, int max_len,
                                            int window, float scale, float eps,
-                                           const sparsify_next_rows *next, cudaStream_t stream) {
-  if (qkv_parts < 1) return cudaErrorInvalidValue;
+                                           const sparsify_next_rows *next, int flags,
+                                           cudaStream_t stream) {
+  if (qkv_parts < 1 || (flags & ~SPARSIFY_ATTN_PREFETCH_CACHE) != 0) {
+    return cudaErrorInvalidValue;
+  }
   if (next != nullptr &&
       (next->w == nullptr || next->threshold == nullptr || next->row_bytes == 0 ||
        next->row_bytes > (1u << 30) || !aligned(next->threshold, 4) ||
@@ -514,6 +548,7 @@ cudaError_t sparsify_attention_decode_next(const float *qkv, int qkv_parts, int 
   p.next_bulk = next != nullptr && aligned(next->w, 16) && p.next_row_bytes % 16 == 0 &&
                 (next->scales == nullptr || (aligned(next->scales, 16) &&
                                              p.next_scale_bytes % 16 == 0));
+  p.prefetch_cache = (flags & SPARSIFY_ATTN_PREFETCH_CACHE) != 0;
   p.wait = (diag_no_wait() & 4) == 0;
   return launch(attention_kernel, n_head, kAttnThreads, smem, stream, p);
 }

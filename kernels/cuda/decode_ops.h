@@ -48,14 +48,19 @@
  *   (sparse_gemv.h, y_parts), so that the GEMV needs no reduction tail. qkv_parts = 1 is
  *   sparsify_attention_decode.
  *
- * sparsify_attention_decode_next: the same, told about the projection that reads `out` next
+ * sparsify_attention_decode_ex: the same, told about the projection that reads `out` next
  *   (attn_output): its input-major weights (row r multiplies out[r], sparse_gemv.h's layout),
  *   int8 scales if any, weight-aware factor if any and threshold pointer. Each head issues an
  *   L2 prefetch of the rows of that projection's kept inputs (NOT(|out[r]| * factor[r] <= t),
  *   the GEMV's own criterion) as soon as its output is known, so the projection's first loads
- *   find them in L2 instead of waiting for DRAM behind this launch's tail. A prefetch is a hint:
- *   results are those of sparsify_attention_decode_parts whatever `next` says, as long as its
- *   pointers are valid for (n_head * dv) rows. next == NULL prefetches nothing.
+ *   find them in L2 instead of waiting for DRAM behind this launch's tail. next == NULL
+ *   prefetches nothing. flags: SPARSIFY_ATTN_PREFETCH_CACHE also prefetches into L2, before
+ *   the wait for the previous kernel, the cache rows each head's group will read (positions
+ *   before pos, written by earlier steps), so that the score and value loops find them in L2;
+ *   for that, pos and those rows are read ahead of the wait, as a hint only, so they must not
+ *   be written by the kernel launched right before this one (no kernel here writes them).
+ *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
+ *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
  *
  * Timing diagnostic (not for use): with the environment variable SPARSIFY_DIAG_NO_WAIT holding
  *   a number with bit 4 set when a launch is made, attention does not wait for the kernel
@@ -96,7 +101,10 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
                                             int window, float scale, float eps,
                                             cudaStream_t stream);
 
-/* The projection that reads attention's output, for sparsify_attention_decode_next. */
+/* Flags of sparsify_attention_decode_ex. */
+#define SPARSIFY_ATTN_PREFETCH_CACHE 1
+
+/* The projection that reads attention's output, for sparsify_attention_decode_ex. */
 typedef struct {
   const void *w;          /* (n_head * dv, n) input-major weights, row_bytes bytes per row */
   size_t row_bytes;       /* n * bytes per weight (1 to 2^30) */
@@ -107,14 +115,15 @@ typedef struct {
   const float *threshold; /* DEVICE pointer to the projection's threshold */
 } sparsify_next_rows;
 
-cudaError_t sparsify_attention_decode_next(const float *qkv, int qkv_parts, int qkv_stride,
+cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qkv_stride,
                                            float *kc, float *vc, const int64_t *pos,
                                            const float *cos_t, const float *sin_t,
                                            const int32_t *perm, const float *q_norm,
                                            const float *k_norm, float *out, int n_head,
                                            int n_head_kv, int dk, int dv, int max_len,
                                            int window, float scale, float eps,
-                                           const sparsify_next_rows *next, cudaStream_t stream);
+                                           const sparsify_next_rows *next, int flags,
+                                           cudaStream_t stream);
 
 /* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes. */
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);
