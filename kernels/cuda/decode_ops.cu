@@ -19,8 +19,8 @@ constexpr int kNormThreads = 1024;
 constexpr int kAttnThreads = 1024;
 constexpr int kAttnWarps = kAttnThreads / 32;
 constexpr int kMaxHeadDim = 512;
-constexpr int kKeysPerWarp = 4;     // keys whose dot products one warp has in flight
-constexpr int kValuesPerThread = 4;  // value rows one thread has in flight
+constexpr int kKeysPerWarp = 8;     // keys whose dot products one warp has in flight
+constexpr int kValuesPerThread = 8;  // value rows one thread has in flight
 // Partial sums of the value phase: (groups, dv) with groups * dv / 4 = kAttnThreads.
 constexpr int kPartFloats = 4 * kAttnThreads;
 constexpr int kMaxDevices = 64;
@@ -130,10 +130,8 @@ struct AttnParams {
 
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
 // L2 the cache rows this head's group will read, positions t0 .. pos - 1, which earlier steps
-// wrote; the rep query heads of a group take a share each. A hint only: pos is read here
-// without the wait, and the values used later are read again after it.
-__device__ void prefetch_cache_rows(const AttnParams &p, int h, int g, int rep) {
-  const long long pos = *p.pos;
+// wrote; the rep query heads of a group take a share each.
+__device__ void prefetch_cache_rows(const AttnParams &p, long long pos, int h, int g, int rep) {
   if (pos <= 0 || pos >= p.max_len) return;
   const long long t0 = p.window > 0 ? max(0LL, pos - p.window + 1) : 0;
   const long long share = (pos - t0 + rep - 1) / rep;
@@ -176,12 +174,26 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const int h = blockIdx.x;
   const int rep = p.n_head / p.n_head_kv;
   const int g = h / rep;
-  if (p.prefetch_cache) prefetch_cache_rows(p, h, g, rep);
+  // Read before the wait for the previous kernel: the position, this thread's RoPE table
+  // entries (dk <= kMaxHeadDim <= kAttnThreads: one feature per thread), and with the flag the
+  // cache rows before pos. None of them is written by a kernel that lets this one launch early
+  // (the q/k/v GEMV writes q/k/v only; pos moves between steps), so their round trips overlap
+  // that kernel's tail instead of following it.
+  const long long pos = *p.pos;
+  const bool pos_ok = pos >= 0 && pos < p.max_len;  // uniform across the block
+  float rc = 1.0f;
+  float rs = 0.0f;
+  int rj = tid;
+  if (pos_ok && tid < dk) {
+    rc = p.cos_t[pos * dk + tid];
+    rs = p.sin_t[pos * dk + tid];
+    rj = p.perm[tid];
+  }
+  if (p.prefetch_cache) prefetch_cache_rows(p, pos, h, g, rep);
   wait_previous_grid(p.wait);
 
-  const long long pos = *p.pos;
   float *out = p.out + static_cast<size_t>(h) * dv;
-  if (pos < 0 || pos >= p.max_len) {  // uniform across the block: no barrier is skipped
+  if (!pos_ok) {  // uniform across the block: no barrier is skipped
     for (int i = tid; i < dv; i += blockDim.x) out[i] = __int_as_float(0x7fc00000);
     return;
   }
@@ -252,12 +264,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     }
   }
   __syncthreads();  // RoPE reads partner elements written by other threads
-  const float *cs = p.cos_t + pos * dk;
-  const float *sn = p.sin_t + pos * dk;
-  for (int i = tid; i < dk; i += blockDim.x) {
-    const int j = p.perm[i];
-    qr[i] = q[i] * cs[i] + q[j] * sn[i];
-    kr[i] = k[i] * cs[i] + k[j] * sn[i];
+  if (tid < dk) {
+    qr[tid] = q[tid] * rc + q[rj] * rs;
+    kr[tid] = k[tid] * rc + k[rj] * rs;
   }
   __syncthreads();
   const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;

@@ -28,7 +28,11 @@
  *         written (k after norm and RoPE, v as is); positions other than pos are read only
  *         where visible (pos - window < t < pos; every t < pos when window == 0).
  *   pos   DEVICE pointer to one int64, read when the kernel runs (0 <= pos < max_len; outside
- *         that range nothing is written to the cache and out is set to NaN).
+ *         that range nothing is written to the cache and out is set to NaN). pos and the RoPE
+ *         tables below are read before the wait for the previous kernel (programmatic dependent
+ *         launch), so that their round trip overlaps its tail: they must not be written by a
+ *         kernel right before this one that lets it launch early (none of these kernels writes
+ *         them; a kernel without griddepcontrol.launch_dependents has finished first anyway).
  *   cos_t, sin_t  (max_len, dk) tables and perm (dk,) int32: RoPE as
  *         x'[d] = x[d] * cos_t[pos, d] + x[perm[d]] * sin_t[pos, d]
  *         (perm swaps the rotated pairs, sin_t carries the sign; features that do not rotate
@@ -53,12 +57,12 @@
  *   int8 scales if any, weight-aware factor if any and threshold pointer. Each head issues an
  *   L2 prefetch of the rows of that projection's kept inputs (NOT(|out[r]| * factor[r] <= t),
  *   the GEMV's own criterion) as soon as its output is known, so the projection's first loads
- *   find them in L2 instead of waiting for DRAM behind this launch's tail. next == NULL
+ *   find them in L2 instead of waiting for DRAM behind this launch's tail (on the H200 this
+ *   made the whole decode step slower: kernels/cuda/NOTES.md, run H10). next == NULL
  *   prefetches nothing. flags: SPARSIFY_ATTN_PREFETCH_CACHE also prefetches into L2, before
  *   the wait for the previous kernel, the cache rows each head's group will read (positions
  *   before pos, written by earlier steps), so that the score and value loops find them in L2;
- *   for that, pos and those rows are read ahead of the wait, as a hint only, so they must not
- *   be written by the kernel launched right before this one (no kernel here writes them).
+ *   the rows are read ahead of the wait, like pos, and under the same condition.
  *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
  *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
  *
