@@ -196,7 +196,7 @@ def bench_shape(k, n, dtypes, variants, copy_bw, l2, dev, gen, reps, records, ch
             raise SystemExit(f"correctness check failed: {dname} {k}x{n} rel err {err:.3g}")
 
         for variant, bps in variants:
-            if variant in (3, 14, 15, 16, 17) and torch.cuda.get_device_capability(dev)[0] < 9:
+            if variant in kc.SM90_VARIANTS and torch.cuda.get_device_capability(dev)[0] < 9:
                 continue
 
             def call(i, variant=variant, bps=bps, ws=ws, ss=ss, copies=copies):

@@ -226,7 +226,7 @@ def test_nan_policy(gen, dtype):
                                      18])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
-    if variant in (3, 14, 15, 16, 17) and torch.cuda.get_device_capability()[0] < 9:
+    if variant in kc.SM90_VARIANTS and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     k, n = 4096, 1024
     w, scales = make_weights(gen, k, n, dtype)
@@ -335,7 +335,7 @@ def test_back_to_back_launches_respect_dependencies(gen, variant):
     # read (read-after-write and write-after-read across kernels). Launched back to back with no
     # host synchronisation, the chain must equal, bit for bit, the same chain synchronised after
     # every step: the kernel is deterministic, so any stale read shows as a difference.
-    if variant in (3, 14) and torch.cuda.get_device_capability()[0] < 9:
+    if variant in kc.SM90_VARIANTS and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need compute capability 9.0")
     dev = torch.device("cuda")
     k = 2048

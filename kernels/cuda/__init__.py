@@ -36,6 +36,9 @@ MAX_SEGMENTS = 3
 """Segments per grouped GEMV launch (SPARSIFY_GEMV_MAX_SEGMENTS)."""
 ACTS = {"silu": 1, "gelu_tanh": 2}
 """Gated-input activations (SPARSIFY_GEMV_ACT_*)."""
+SM90_VARIANTS = frozenset({3, 14, 15, 16, 17})
+"""Launch variants of sparsify_gemv_tuned that need compute capability 9.0 (thread-block
+clusters); below it they return cudaErrorNotSupported."""
 
 INT8_GROUP = 128
 """Output channels per int8 scale group (SPARSIFY_GEMV_INT8_GROUP in the header)."""
