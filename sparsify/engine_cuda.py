@@ -29,8 +29,8 @@ reduction in the GEMVs; ``"qkv"`` or ``"ffn"`` defers one of the two; it is kept
 launch has more splits than ``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``). The attention kernel knows
 attn_output's input before that GEMV starts, and can prefetch into L2 the weight rows the GEMV
 will keep (``prefetch=True``, or ``SPARSIFY_CUDA_PREFETCH=1``; off by default: it measured
-slower, kernels/cuda/NOTES.md); it can also prefetch the cache rows it will read before it
-waits for the q/k/v GEMV (``prefetch_cache`` / ``SPARSIFY_CUDA_PREFETCH_CACHE``).
+slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches the cache rows
+it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -184,7 +184,7 @@ class CUDAEngine:
             prefetch = os.environ.get("SPARSIFY_CUDA_PREFETCH", "0") == "1"
         self.prefetch = bool(prefetch) and self.fused
         if prefetch_cache is None:
-            prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "0") == "1"
+            prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "1") != "0"
         self.prefetch_cache = bool(prefetch_cache) and self.fused
 
     # -- setup ------------------------------------------------------------------------------
