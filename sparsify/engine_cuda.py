@@ -509,21 +509,21 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            nxt = {"prefetch_cache": self.prefetch_cache}
+            hints = {"prefetch_cache": self.prefetch_cache}
             if self.prefetch and self._skip_gemv is None:
-                nxt.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
-                           next_factor=o.norms if self.weight_aware else None)
+                hints.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
+                             next_factor=o.norms if self.weight_aware else None)
             K.attention_decode(qkv, self.kc[i], self.vc[i], self.pos, cos, sin,
                                self.rope_perm32, self.att, n_head=c.n_head, scale=c.attn_scale,
                                eps=eps, window=c.sliding_window if c.swa_layers[i] else 0,
-                               q_norm=qn, k_norm=kn, **nxt)
+                               q_norm=qn, k_norm=kn, **hints)
             if fold:  # attn_output adds into the stream, gate/up norm it
-                self._gemv(P[pre + "attn_output"], self.att, h, accumulate=True)
+                self._gemv(o, self.att, h, accumulate=True)
                 self._gemv_group(gu_projs, h, gu_outs, norm=self.norms[pre + "ffn_norm"])
                 self._gemv(P[pre + "ffn_down"], gu_outs[0], h, up=gu_outs[1],
                            act=c.activation, accumulate=True)
                 continue
-            self._gemv(P[pre + "attn_output"], self.att, self.obuf)
+            self._gemv(o, self.att, self.obuf)
             K.add_rms_norm(h, self.obuf, self.norms[pre + "ffn_norm"], eps, xn,
                            self.norms[pre + "post_attention_norm"] if c.post_norms else None)
             self._gemv_group(gu_projs, xn, gu_outs)

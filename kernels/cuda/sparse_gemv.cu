@@ -920,9 +920,9 @@ struct Args {
   bool bare_cluster;  // launch in the clusters of balanced splits without balancing (timing)
 };
 
-// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, sparse_gemv.h): which launches skip the wait.
-int diag_no_wait() {
-  const char *v = getenv("SPARSIFY_DIAG_NO_WAIT");
+// An integer benchmark setting from the environment, read at each launch (0 when unset).
+int env_int(const char *name) {
+  const char *v = getenv(name);
   return (v != nullptr && *v != '\0') ? atoi(v) : 0;
 }
 
@@ -1048,7 +1048,7 @@ cudaError_t launch(const Args &a) {
   p.y_parts = a.y_parts;
   p.y_stride = a.y_stride;
   p.wait = 1;
-  if (const int bits = diag_no_wait()) {
+  if (const int bits = env_int("SPARSIFY_DIAG_NO_WAIT")) {  // timing diagnostic, sparse_gemv.h
     // Timing diagnostic: launches that read another kernel's per-tile products skip the wait.
     const bool parts_in = a.x_parts > 1;
     const bool plain_acc = a.accumulate && a.x_parts <= 1 && a.x_up == nullptr &&
@@ -1237,10 +1237,7 @@ cudaError_t dispatch(const Args &a, int variant) {
 // SPARSIFY_GEMV_VARIANT=N (benchmarks only) makes every default launch (variant 0, including
 // the plain and grouped entry points) run variant N instead, so a whole decode step can be timed
 // with another launch configuration without changing the engine.
-int default_variant() {
-  const char *v = getenv("SPARSIFY_GEMV_VARIANT");
-  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
-}
+int default_variant() { return env_int("SPARSIFY_GEMV_VARIANT"); }
 
 cudaError_t dispatch_any(int wtype, const Args &a, int variant) {
   if (variant == 0) variant = default_variant();
