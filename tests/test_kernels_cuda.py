@@ -256,6 +256,27 @@ def test_variant_environment_override(gen, monkeypatch):
         run(w, x, t)
 
 
+@on_gpu
+def test_blocks_per_sm_environment_cap(gen, monkeypatch):
+    # SPARSIFY_GEMV_BLOCKS_PER_SM caps the resident blocks every default launch sizes its grid
+    # for: fewer splits (the grouped launch's partial-output count follows it), the same product.
+    dev = torch.device("cuda")
+    k, ns = 4096, (4096, 1024, 1024)
+    ws = [make_weights(gen, k, n, torch.float16)[0] for n in ns]
+    wd = [w.to(dev) for w in ws]
+    x = torch.randn(k, generator=gen)
+    t = threshold_for(x.abs(), 0.5)
+    splits = {}
+    for cap in ("", "2", "1"):
+        monkeypatch.setenv("SPARSIFY_GEMV_BLOCKS_PER_SM", cap)
+        splits[cap] = kc.group_splits(wd, x.to(dev))
+        outs = kc.sparse_gemv_group(wd, x.to(dev), [t] * 3)
+        for w, y in zip(ws, outs):
+            check(y, reference(w, x, t), abs_bound(w, x, t))
+        check(run(ws[1], x, t), reference(ws[1], x, t), abs_bound(ws[1], x, t))
+    assert splits[""] > splits["2"] > splits["1"] >= 1
+
+
 def skewed_input(gen, k: int, where: str) -> torch.Tensor:
     """x whose large entries sit in one stretch of K (first or last 600 rows, or every 97th row),
     so that at mid sparsity the kept rows crowd into a few K-splits."""

@@ -958,7 +958,9 @@ cudaError_t launch(const Args &a) {
     if (occ <= 0) occ = 1;
     if (dev < kMaxDevices) occ_cache[dev].store(occ, std::memory_order_relaxed);
   }
-  const int per_sm = (a.blocks_per_sm > 0 && a.blocks_per_sm < occ) ? a.blocks_per_sm : occ;
+  // SPARSIFY_GEMV_BLOCKS_PER_SM=N (benchmarks only) caps every launch that sets no cap itself.
+  const int cap = a.blocks_per_sm > 0 ? a.blocks_per_sm : env_int("SPARSIFY_GEMV_BLOCKS_PER_SM");
+  const int per_sm = (cap > 0 && cap < occ) ? cap : occ;
 
   Params p;
   int tiles = 0;

@@ -117,7 +117,10 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * sums the splits in another fixed order, and 14-16 and 18 cut them by kept count. For
  * benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read at each launch) makes
  * every default launch (variant 0, the plain and grouped entry points too) run variant N.
- * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy).
+ * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy;
+ * then SPARSIFY_GEMV_BLOCKS_PER_SM=N, read at each launch, caps every launch, the grouped ones
+ * too, which leaves room on each multiprocessor for the next kernel's blocks to become
+ * resident early; ask sparsify_gemv_group_splits again after changing it).
  *
  * Timing diagnostic (not for use): SPARSIFY_DIAG_NO_WAIT=BITS, read at each launch, makes some
  * launches skip programmatic dependent launch's wait for the kernel before them, so they read
