@@ -255,7 +255,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "prefetch of the attn_output rows that GEMV keeps, or of the cache rows it "
              "reads; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
              "1 ffn_down, 2 attn_output, 4 attention skip the wait for the kernel before, "
-             "a timing bound only); `code` is the version in the record's file "
+             "a timing bound only; *GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
+             "instead of the occupancy, four); `code` is the version in the record's file "
              "name (`_vN`: an earlier record of that card; latest: that card's most recent "
              "record; kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
@@ -288,6 +289,9 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
             step += ", attn_output rows prefetched"
         if r.get("prefetch_cache"):
             step += ", cache rows prefetched"
+        cap = (r.get("environment") or {}).get("SPARSIFY_GEMV_BLOCKS_PER_SM")
+        if cap:
+            step += f", GEMV grids of {cap} blocks per SM"
         bits = (r.get("environment") or {}).get("SPARSIFY_DIAG_NO_WAIT")
         if bits:
             step += f", **diagnostic: no wait {bits}, wrong results**"

@@ -235,7 +235,7 @@ def plot(args) -> None:
                 label = (f"{rec['format']} s={lev['sparsity']:g}"
                          + (" (synthetic)" if rec.get("synthetic") else ""))
                 bars.append((label, lev["roles"], rec))
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.7 * len(bars)))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(bars)))
     colors = {"qkv": "C0", "attention": "C1", "attn_output": "C2", "gate_up": "C3",
               "ffn_down": "C4", "head": "C5", "other": "C7"}
     for y, (label, roles, rec) in enumerate(bars):
@@ -257,7 +257,7 @@ def plot(args) -> None:
                   "hatched: the rest)")
     rec0 = recs[0]
     ax.set_title(f"{rec0['model']} on {rec0['device']}: where the step's time goes", fontsize=9)
-    ax.legend(loc="lower right", fontsize=7, ncol=4)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=7)
     fig.tight_layout()
     tmp = args.output.with_suffix(".tmp" + args.output.suffix)
     fig.savefig(tmp, dpi=120)
