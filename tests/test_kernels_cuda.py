@@ -891,16 +891,51 @@ def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
     score = plain[0].abs() * (factor if factor is not None else 1.0)
     thr = score.median().view(1)
     results = [plain, run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor,
-                          prefetch_cache=True)]
+                          prefetch_cache=True),
+               run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor,
+                   prefetch_cache=True, preload_cache=True)]
     out = plain[0]
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(plain, other):
+            assert torch.equal(a, b)
     with pytest.raises(ValueError, match="next_threshold"):
         kc.attention_decode(qkv, kc0, vc0, torch.tensor([pos], device=dev), cos, sin, perm, out,
                             n_head=nh, scale=0.125, next_w=w)
     with pytest.raises(ValueError, match="next_w"):
         kc.attention_decode(qkv, kc0, vc0, torch.tensor([pos], device=dev), cos, sin, perm, out,
                             n_head=nh, scale=0.125, next_w=w[1:], next_threshold=thr)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", [(8, 2, 64, 64, 50, 31, 0), (8, 2, 64, 64, 1024, 900, 0),
+                                  (4, 1, 128, 128, 300, 299, 0), (4, 4, 256, 256, 200, 150, 64),
+                                  (4, 2, 64, 32, 40, 0, 0), (2, 1, 16, 16, 3000, 2999, 2500)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_attention_decode_preload_changes_nothing(gen, case):
+    """The preload copies the visible cache rows before pos into shared memory ahead of the
+    wait, as many as the per-block limit holds: the output and the cache are bit for bit those of
+    the launch that reads every row from the cache. The cases cover every row preloaded, rows
+    past the preload read from the cache (long L, wide heads), a sliding window whose first
+    visible row is not 0, and pos = 0 (nothing to preload)."""
+    nh, nkv, dk, dv, L, pos, window = case
+    dev = torch.device("cuda")
+    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen).to(dev)
+    kc0, vc0 = (torch.randn(nkv, L, d, generator=gen).to(dev) for d in (dk, dv))
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+
+    def run(**flags):
+        kd, vd = kc0.clone(), vc0.clone()
+        out = torch.full((nh * dv,), float("nan"), device=dev)
+        kc.attention_decode(qkv, kd, vd, torch.tensor([pos], device=dev), cos, sin, perm, out,
+                            n_head=nh, scale=dk ** -0.5, window=window, **flags)
+        torch.cuda.synchronize()
+        return out, kd, vd
+
+    plain = run()
+    assert not torch.isnan(plain[0]).any()
+    for flags in ({"preload_cache": True}, {"preload_cache": True, "prefetch_cache": True}):
+        for a, b in zip(plain, run(**flags)):
+            assert torch.equal(a, b)
 
 
 @on_gpu

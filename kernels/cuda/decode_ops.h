@@ -63,8 +63,15 @@
  *   the wait for the previous kernel, the cache rows each head's group will read (positions
  *   before pos, written by earlier steps), so that the score and value loops find them in L2;
  *   the rows are read ahead of the wait, like pos, and under the same condition.
- *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
- *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
+ *   SPARSIFY_ATTN_PRELOAD_CACHE copies those cache rows, before the same wait, into shared
+ *   memory (asynchronous copies), so the score and value loops after the wait read them there
+ *   instead of making a round trip to L2 each: the first visible rows, as many as the device's
+ *   per-block shared memory holds beyond the sizes above (at most max_len; the launch then
+ *   uses that much more shared memory), the rest from the cache as before. (With both flags
+ *   only the rows not preloaded are prefetched.)
+ *   Prefetches and the preload change no value: results are those of
+ *   sparsify_attention_decode_parts, bit for bit, whatever `next` and `flags` say, as long
+ *   as next's pointers are valid for (n_head * dv) rows.
  *
  * Timing diagnostic (not for use): with the environment variable SPARSIFY_DIAG_NO_WAIT holding
  *   a number with bit 4 set when a launch is made, attention does not wait for the kernel
@@ -107,6 +114,7 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
 
 /* Flags of sparsify_attention_decode_ex. */
 #define SPARSIFY_ATTN_PREFETCH_CACHE 1
+#define SPARSIFY_ATTN_PRELOAD_CACHE 2
 
 /* The projection that reads attention's output, for sparsify_attention_decode_ex. */
 typedef struct {
