@@ -253,7 +253,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "those launches leave their split-K partial sums unreduced, added by the "
              "attention kernel and ffn_down; *prefetched*: the attention kernel's L2 "
              "prefetch of the attn_output rows that GEMV keeps, or of the cache rows it "
-             "reads; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
+             "reads; *preloaded*: the cache rows copied into its shared memory before its "
+             "wait; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
              "1 ffn_down, 2 attn_output, 4 attention skip the wait for the kernel before, "
              "a timing bound only; *GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
              "instead of the occupancy, four); `code` is the version in the record's file "
@@ -289,6 +290,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
             step += ", attn_output rows prefetched"
         if r.get("prefetch_cache"):
             step += ", cache rows prefetched"
+        if r.get("preload_cache"):
+            step += ", cache rows preloaded"
         cap = (r.get("environment") or {}).get("SPARSIFY_GEMV_BLOCKS_PER_SM")
         if cap:
             step += f", GEMV grids of {cap} blocks per SM"
