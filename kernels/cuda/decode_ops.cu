@@ -565,7 +565,12 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
   int limit = 0;
   err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  if (smem > static_cast<size_t>(limit)) return cudaErrorNotSupported;
+  // The per-block limit covers the kernel's static shared memory too.
+  cudaFuncAttributes fa;
+  err = cudaFuncGetAttributes(&fa, attention_kernel);
+  if (err != cudaSuccess) return err;
+  limit -= static_cast<int>(fa.sharedSizeBytes);
+  if (limit < 0 || smem > static_cast<size_t>(limit)) return cudaErrorNotSupported;
   // Preload: as many cache rows as the rest of the per-block limit holds, at most max_len.
   int preload = 0;
   if ((flags & SPARSIFY_ATTN_PRELOAD_CACHE) != 0) {
@@ -578,7 +583,10 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
     // Past 48 KB a block must opt in; raising the limit is idempotent and not a stream op.
     err = cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // returned here: not left for the next launch to report
+      return err;
+    }
   }
   AttnParams p;
   p.qkv = qkv;

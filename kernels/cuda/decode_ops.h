@@ -42,7 +42,8 @@
  *         h reads kv head h / (n_head / n_head_kv) (grouped-query attention).
  *
  *   Limits: dk and dv multiples of 4, at most 512; n_head a multiple of n_head_kv; the
- *   shared memory (4*dk + dv + max_len + 4096 floats) within the device's per-block limit. The
+ *   shared memory (4*dk + dv + max_len + 4096 floats, and 128 static bytes) within the
+ *   device's per-block limit. The
  *   kernel works out the new key itself in each block of its group and never reads position
  *   pos back from the cache, so no block depends on another within the launch.
  *
