@@ -30,9 +30,7 @@ launch has more splits than ``MAX_QKV_PARTS`` / ``MAX_FFN_PARTS``). The attentio
 attn_output's input before that GEMV starts, and can prefetch into L2 the weight rows the GEMV
 will keep (``prefetch=True``, or ``SPARSIFY_CUDA_PREFETCH=1``; off by default: it measured
 slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches the cache rows
-it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off)
-and copies them into shared memory, as many as fit (``preload_cache=False``, or
-``SPARSIFY_CUDA_PRELOAD_CACHE=0``, turns that off).
+it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -119,7 +117,7 @@ class CUDAEngine:
                  device: str | torch.device = "cuda", use_graph: bool = True,
                  fused: bool | None = None, fold_norms: bool | None = None,
                  defer: bool | str | None = None, prefetch: bool | None = None,
-                 prefetch_cache: bool | None = None, preload_cache: bool | None = None) -> None:
+                 prefetch_cache: bool | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -188,9 +186,6 @@ class CUDAEngine:
         if prefetch_cache is None:
             prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "1") != "0"
         self.prefetch_cache = bool(prefetch_cache) and self.fused
-        if preload_cache is None:
-            preload_cache = os.environ.get("SPARSIFY_CUDA_PRELOAD_CACHE", "1") != "0"
-        self.preload_cache = bool(preload_cache) and self.fused
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -514,7 +509,7 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            hints = {"prefetch_cache": self.prefetch_cache, "preload_cache": self.preload_cache}
+            hints = {"prefetch_cache": self.prefetch_cache}
             if self.prefetch and self._skip_gemv is None:
                 hints.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
                              next_factor=o.norms if self.weight_aware else None)
@@ -815,7 +810,6 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "glue_ms_per_step": glue, "fused": engine.fused, "fold_norms": engine.fold_norms,
         "deferred_reduction": {"qkv": engine.defer_qkv, "ffn": engine.defer_ffn},
         "prefetch_attn_output": engine.prefetch, "prefetch_cache": engine.prefetch_cache,
-        "preload_cache": engine.preload_cache,
         "dims": {"n_layer": loaded.cfg.n_layer, "d_model": loaded.cfg.d_model,
                  "d_ff": loaded.cfg.d_ff, "n_head": loaded.cfg.n_head,
                  "n_head_kv": loaded.cfg.n_head_kv, "vocab_size": loaded.cfg.vocab_size},

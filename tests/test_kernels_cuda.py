@@ -891,13 +891,10 @@ def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
     score = plain[0].abs() * (factor if factor is not None else 1.0)
     thr = score.median().view(1)
     results = [plain, run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor,
-                          prefetch_cache=True),
-               run(next_w=w, next_threshold=thr, next_scales=scales, next_factor=factor,
-                   prefetch_cache=True, preload_cache=True)]
+                          prefetch_cache=True)]
     out = plain[0]
-    for other in results[1:]:
-        for a, b in zip(plain, other):
-            assert torch.equal(a, b)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
     with pytest.raises(ValueError, match="next_threshold"):
         kc.attention_decode(qkv, kc0, vc0, torch.tensor([pos], device=dev), cos, sin, perm, out,
                             n_head=nh, scale=0.125, next_w=w)
@@ -907,35 +904,33 @@ def test_attention_decode_prefetch_changes_nothing(gen, fmt, n, weight_aware):
 
 
 @on_gpu
-@pytest.mark.parametrize("case", [(8, 2, 64, 64, 50, 31, 0), (8, 2, 64, 64, 1024, 900, 0),
-                                  (4, 1, 128, 128, 300, 299, 0), (4, 4, 256, 256, 200, 150, 64),
-                                  (4, 2, 64, 32, 40, 0, 0), (2, 1, 16, 16, 3000, 2999, 2500)],
-                         ids=lambda c: "x".join(map(str, c)))
-def test_attention_decode_preload_changes_nothing(gen, case):
-    """The preload copies the visible cache rows before pos into shared memory ahead of the
-    wait, as many as the per-block limit holds: the output and the cache are bit for bit those of
-    the launch that reads every row from the cache. The cases cover every row preloaded, rows
-    past the preload read from the cache (long L, wide heads), a sliding window whose first
-    visible row is not 0, and pos = 0 (nothing to preload)."""
-    nh, nkv, dk, dv, L, pos, window = case
+def test_attention_decode_refuses_shared_memory_past_the_limit(gen):
+    """A cache length whose dynamic shared memory fits the per-block limit only without the
+    kernel's static bytes is refused as not supported (not an invalid-argument launch), and the
+    next launch is not blamed for it."""
     dev = torch.device("cuda")
-    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen).to(dev)
-    kc0, vc0 = (torch.randn(nkv, L, d, generator=gen).to(dev) for d in (dk, dv))
+    nh, nkv, dk = 2, 1, 16
+    limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+    L = (limit - 64) // 4 - (5 * dk + 4096)  # dynamic bytes = limit - 64
+    lib = kc.load(dev)
+    assert lib.sparsify_attention_smem_bytes(dk, dk, L) == limit - 64
+    assert not kc.attention_supported(dk, dk, L, dev)
+    qkv = torch.randn(nh * dk + nkv * 2 * dk, generator=gen).to(dev)
+    kd, vd = torch.zeros(nkv, L, dk, device=dev), torch.zeros(nkv, L, dk, device=dev)
     cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
-
-    def run(**flags):
-        kd, vd = kc0.clone(), vc0.clone()
-        out = torch.full((nh * dv,), float("nan"), device=dev)
-        kc.attention_decode(qkv, kd, vd, torch.tensor([pos], device=dev), cos, sin, perm, out,
-                            n_head=nh, scale=dk ** -0.5, window=window, **flags)
-        torch.cuda.synchronize()
-        return out, kd, vd
-
-    plain = run()
-    assert not torch.isnan(plain[0]).any()
-    for flags in ({"preload_cache": True}, {"preload_cache": True, "prefetch_cache": True}):
-        for a, b in zip(plain, run(**flags)):
-            assert torch.equal(a, b)
+    out = torch.zeros(nh * dk, device=dev)
+    pos = torch.tensor([3], device=dev)
+    rc = lib.sparsify_attention_decode_ex(
+        qkv.data_ptr(), 1, 0, kd.data_ptr(), vd.data_ptr(), pos.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), perm.data_ptr(), None, None, out.data_ptr(), nh, nkv, dk, dk, L, 0,
+        0.25, 0.0, None, 0, torch.cuda.current_stream(dev).cuda_stream)
+    assert rc == 801  # cudaErrorNotSupported
+    L = 16
+    kd, vd = torch.zeros(nkv, L, dk, device=dev), torch.zeros(nkv, L, dk, device=dev)
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+    kc.attention_decode(qkv, kd, vd, pos, cos, sin, perm, out, n_head=nh, scale=0.25)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
 
 
 @on_gpu

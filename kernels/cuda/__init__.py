@@ -614,7 +614,7 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
                      next_w: torch.Tensor | None = None, next_threshold: torch.Tensor | None = None,
                      next_scales: torch.Tensor | None = None,
                      next_factor: torch.Tensor | None = None,
-                     prefetch_cache: bool = False, preload_cache: bool = False) -> torch.Tensor:
+                     prefetch_cache: bool = False) -> torch.Tensor:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
@@ -635,10 +635,7 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             prefetched into L2 as each head finishes.
         prefetch_cache: prefetch into L2, before waiting for the previous kernel, the cache
             rows before ``pos`` that the heads will read.
-        preload_cache: copy those rows into shared memory before that wait (as many as the
-            device's per-block shared memory holds), so the loops after it read them there.
-        The prefetches and the preload change no value: ``out`` and the caches come out the
-        same, bit for bit.
+        The prefetches are hints only: ``out`` and the caches come out the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
     dev = kc.device
@@ -690,8 +687,7 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
             out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
-            ctypes.byref(nxt) if nxt is not None else None,
-            (1 if prefetch_cache else 0) | (2 if preload_cache else 0), stream)
+            ctypes.byref(nxt) if nxt is not None else None, 1 if prefetch_cache else 0, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 

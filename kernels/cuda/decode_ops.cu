@@ -49,24 +49,6 @@ __device__ __forceinline__ void prefetch_l2_range(const char *p, unsigned bytes,
   }
 }
 
-// 16-byte copy from global to shared memory that does not hold a register while in flight
-// (cp.async, compute capability 8.0+; a plain load and store below), and the wait for every
-// such copy this thread issued.
-__device__ __forceinline__ void copy16_async(float4 *dst, const float4 *src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-#else
-  *dst = *src;
-#endif
-}
-
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -143,17 +125,15 @@ struct AttnParams {
   int next_scale_row;  // floats per scale row
   bool next_bulk;      // every prefetched range is 16-byte aligned
   bool prefetch_cache;  // L2 prefetch of the visible cache rows before the wait
-  int preload;          // cache rows (from t0) copied into shared memory before the wait
   bool wait;           // false only under SPARSIFY_DIAG_NO_WAIT
 };
 
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
 // L2 the cache rows this head's group will read, positions t0 .. pos - 1, which earlier steps
 // wrote; the rep query heads of a group take a share each.
-__device__ void prefetch_cache_rows(const AttnParams &p, long long pos, int h, int g, int rep,
-                                    int skip) {
+__device__ void prefetch_cache_rows(const AttnParams &p, long long pos, int h, int g, int rep) {
   if (pos <= 0 || pos >= p.max_len) return;
-  const long long t0 = (p.window > 0 ? max(0LL, pos - p.window + 1) : 0) + skip;
+  const long long t0 = p.window > 0 ? max(0LL, pos - p.window + 1) : 0;
   const long long share = (pos - t0 + rep - 1) / rep;
   const long long r0 = t0 + (h % rep) * share;
   const long long r1 = min(pos, r0 + share);
@@ -187,8 +167,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *vn = kr + dk;  // (dv) the new value
   float *s = vn + dv;   // (max_len rounded up to 4) scores, then softmax numerators
   float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
-  float *pk = part + kPartFloats;  // (preload, dk) cache keys from t0, copied before the wait
-  float *pv = pk + static_cast<size_t>(p.preload) * dk;  // (preload, dv) their values
   __shared__ float red[32];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -211,27 +189,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     rs = p.sin_t[pos * dk + tid];
     rj = p.perm[tid];
   }
-  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
-  const int t0 = p.window > 0 ? static_cast<int>(max(0LL, pos - p.window + 1)) : 0;
-  // With preload, the first npre visible rows before pos (written by earlier steps) are copied
-  // into shared memory now, so the score and value loops after the wait read them from there.
-  const int npre = pos_ok ? min(p.preload, static_cast<int>(pos) - t0) : 0;
-  if (npre > 0) {
-    const float4 *ksrc4 = reinterpret_cast<const float4 *>(
-        p.kc + (static_cast<size_t>(g) * p.max_len + t0) * dk);
-    const float4 *vsrc4 = reinterpret_cast<const float4 *>(
-        p.vc + (static_cast<size_t>(g) * p.max_len + t0) * dv);
-    const int nk4 = npre * (dk / 4);
-    const int nv4 = npre * (dv / 4);
-    for (int i = tid; i < nk4 + nv4; i += blockDim.x) {
-      if (i < nk4) {
-        copy16_async(reinterpret_cast<float4 *>(pk) + i, ksrc4 + i);
-      } else {
-        copy16_async(reinterpret_cast<float4 *>(pv) + (i - nk4), vsrc4 + (i - nk4));
-      }
-    }
-  }
-  if (p.prefetch_cache) prefetch_cache_rows(p, pos, h, g, rep, max(npre, 0));
+  if (p.prefetch_cache) prefetch_cache_rows(p, pos, h, g, rep);
   wait_previous_grid(p.wait);
 
   float *out = p.out + static_cast<size_t>(h) * dv;
@@ -310,7 +268,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     qr[tid] = q[tid] * rc + q[rj] * rs;
     kr[tid] = k[tid] * rc + k[rj] * rs;
   }
-  copy_async_wait_all();  // this thread's preload copies; the barrier publishes everyone's
   __syncthreads();
   const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
   const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
@@ -321,6 +278,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     for (int i = tid; i < dv; i += blockDim.x) vdst[i] = vn[i];
   }
 
+  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
+  const int t0 = p.window > 0 ? static_cast<int>(max(0LL, pos - p.window + 1)) : 0;
   const int nt = static_cast<int>(pos) - t0 + 1;
   const int ipos = static_cast<int>(pos);
 
@@ -340,11 +299,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
 #pragma unroll
       for (int u = 0; u < kKeysPerWarp; ++u) {
         const int t = t0 + min(j0 + u, nt - 1);
-        const float4 *row =
-            (t == ipos) ? kr4
-            : (t - t0 < npre)
-                ? reinterpret_cast<const float4 *>(pk + static_cast<size_t>(t - t0) * dk)
-                : reinterpret_cast<const float4 *>(kbase + static_cast<size_t>(t) * dk);
+        const float4 *row = (t == ipos) ? kr4
+                                        : reinterpret_cast<const float4 *>(
+                                              kbase + static_cast<size_t>(t) * dk);
         kv[u] = row[c];
       }
 #pragma unroll
@@ -387,11 +344,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
       for (int u = 0; u < kValuesPerThread; ++u) {
         const int jj = min(j + u * groups, nt - 1);
         const int t = t0 + jj;
-        const float4 *row =
-            (t == ipos) ? vnew4
-            : (t - t0 < npre)
-                ? reinterpret_cast<const float4 *>(pv + static_cast<size_t>(t - t0) * dv)
-                : reinterpret_cast<const float4 *>(vbase + static_cast<size_t>(t) * dv);
+        const float4 *row = (t == ipos) ? vnew4
+                                        : reinterpret_cast<const float4 *>(
+                                              vbase + static_cast<size_t>(t) * dv);
         v[u] = row[c];
         wt[u] = (j + u * groups < nt) ? s[jj] : 0.0f;
       }
@@ -526,8 +481,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                            int window, float scale, float eps,
                                            const sparsify_next_rows *next, int flags,
                                            cudaStream_t stream) {
-  if (qkv_parts < 1 ||
-      (flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_PRELOAD_CACHE)) != 0) {
+  if (qkv_parts < 1 || (flags & ~SPARSIFY_ATTN_PREFETCH_CACHE) != 0) {
     return cudaErrorInvalidValue;
   }
   if (next != nullptr &&
@@ -558,7 +512,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
       !aligned(q_norm, 4) || !aligned(k_norm, 4)) {
     return cudaErrorInvalidValue;
   }
-  size_t smem = sparsify_attention_smem_bytes(dk, dv, max_len);
+  const size_t smem = sparsify_attention_smem_bytes(dk, dv, max_len);
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -571,14 +525,6 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
   if (err != cudaSuccess) return err;
   limit -= static_cast<int>(fa.sharedSizeBytes);
   if (limit < 0 || smem > static_cast<size_t>(limit)) return cudaErrorNotSupported;
-  // Preload: as many cache rows as the rest of the per-block limit holds, at most max_len.
-  int preload = 0;
-  if ((flags & SPARSIFY_ATTN_PRELOAD_CACHE) != 0) {
-    const size_t row = static_cast<size_t>(dk + dv) * sizeof(float);
-    const size_t room = (static_cast<size_t>(limit) - smem) / row;
-    preload = static_cast<int>(room < static_cast<size_t>(max_len) ? room : max_len);
-    smem += static_cast<size_t>(preload) * row;
-  }
   if (smem > 48 * 1024) {
     // Past 48 KB a block must opt in; raising the limit is idempotent and not a stream op.
     err = cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -620,7 +566,6 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                 (next->scales == nullptr || (aligned(next->scales, 16) &&
                                              p.next_scale_bytes % 16 == 0));
   p.prefetch_cache = (flags & SPARSIFY_ATTN_PREFETCH_CACHE) != 0;
-  p.preload = preload;
   p.wait = (diag_no_wait() & 4) == 0;
   return launch(attention_kernel, n_head, kAttnThreads, smem, stream, p);
 }

@@ -43,9 +43,9 @@
  *
  *   Limits: dk and dv multiples of 4, at most 512; n_head a multiple of n_head_kv; the
  *   shared memory (4*dk + dv + max_len + 4096 floats, and 128 static bytes) within the
- *   device's per-block limit. The
- *   kernel works out the new key itself in each block of its group and never reads position
- *   pos back from the cache, so no block depends on another within the launch.
+ *   device's per-block limit. The kernel works out the new key itself in each block of its
+ *   group and never reads position pos back from the cache, so no block depends on another
+ *   within the launch.
  *
  * sparsify_attention_decode_parts: the same with qkv given as qkv_parts rows, qkv_stride floats
  *   apart (at least the width above), that are added in float32 before use, in a fixed order:
@@ -64,15 +64,8 @@
  *   the wait for the previous kernel, the cache rows each head's group will read (positions
  *   before pos, written by earlier steps), so that the score and value loops find them in L2;
  *   the rows are read ahead of the wait, like pos, and under the same condition.
- *   SPARSIFY_ATTN_PRELOAD_CACHE copies those cache rows, before the same wait, into shared
- *   memory (asynchronous copies), so the score and value loops after the wait read them there
- *   instead of making a round trip to L2 each: the first visible rows, as many as the device's
- *   per-block shared memory holds beyond the sizes above (at most max_len; the launch then
- *   uses that much more shared memory), the rest from the cache as before. (With both flags
- *   only the rows not preloaded are prefetched.)
- *   Prefetches and the preload change no value: results are those of
- *   sparsify_attention_decode_parts, bit for bit, whatever `next` and `flags` say, as long
- *   as next's pointers are valid for (n_head * dv) rows.
+ *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
+ *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
  *
  * Timing diagnostic (not for use): with the environment variable SPARSIFY_DIAG_NO_WAIT holding
  *   a number with bit 4 set when a launch is made, attention does not wait for the kernel
@@ -115,7 +108,6 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
 
 /* Flags of sparsify_attention_decode_ex. */
 #define SPARSIFY_ATTN_PREFETCH_CACHE 1
-#define SPARSIFY_ATTN_PRELOAD_CACHE 2
 
 /* The projection that reads attention's output, for sparsify_attention_decode_ex. */
 typedef struct {
