@@ -281,7 +281,12 @@ def main() -> None:
     p.add_argument("records", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args()
-    run(args) if args.cmd == "run" else plot(args)
+    from sparsify.errors import SparsifyError
+
+    try:
+        run(args) if args.cmd == "run" else plot(args)
+    except SparsifyError as e:  # a bad model, table or record: one line, no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
