@@ -294,10 +294,11 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
             step += ", cache rows prefetched"
         if r.get("preload_cache"):
             step += ", cache rows preloaded"
-        cap = (r.get("environment") or {}).get("SPARSIFY_GEMV_BLOCKS_PER_SM")
+        env = r.get("environment") or {}
+        cap = env.get("SPARSIFY_GEMV_BLOCKS_PER_SM")
         if cap:
             step += f", GEMV grids of {cap} blocks per SM"
-        bits = (r.get("environment") or {}).get("SPARSIFY_DIAG_NO_WAIT")
+        bits = env.get("SPARSIFY_DIAG_NO_WAIT")
         if bits:
             step += f", **diagnostic: no wait {bits}, wrong results**"
         for lv in r["levels"]:

@@ -143,20 +143,16 @@ def summarize(level: dict, engine, ids: list[int], copy_bw: float) -> dict:
             continue
         row = {"launches": len(sel), "increment_us_total": float(inc[sel].sum()),
                "duration_us_median": float(np.median(dur[sel]))}
-        per = n_layer if role in ROLES else 1
         row["increment_us_per_launch"] = row["increment_us_total"] / len(sel)
+        nbytes = None  # weight bytes one launch of this role reads
         if role in ROLE_TENSORS:
-            nbytes = 0.0
-            for name, p in engine.projs.items():
-                if name.split(".")[-1] in ROLE_TENSORS[role]:
-                    nbytes += (1.0 - realized[name]) * p.nbytes
-            row["bytes_per_launch"] = nbytes / per
-            row["byte_time_us_per_launch"] = nbytes / per / copy_bw * 1e6
-            row["excess_us_per_launch"] = (row["increment_us_per_launch"]
-                                           - row["byte_time_us_per_launch"])
+            nbytes = sum((1.0 - realized[name]) * p.nbytes for name, p in engine.projs.items()
+                         if name.split(".")[-1] in ROLE_TENSORS[role]) / n_layer
         elif role == "head":
-            row["bytes_per_launch"] = float(engine.head.nbytes)
-            row["byte_time_us_per_launch"] = engine.head.nbytes / copy_bw * 1e6
+            nbytes = float(engine.head.nbytes)
+        if nbytes is not None:
+            row["bytes_per_launch"] = nbytes
+            row["byte_time_us_per_launch"] = nbytes / copy_bw * 1e6
             row["excess_us_per_launch"] = (row["increment_us_per_launch"]
                                            - row["byte_time_us_per_launch"])
         out[role] = row
