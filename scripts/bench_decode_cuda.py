@@ -259,7 +259,10 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "wait; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
              "1 ffn_down, 2 attn_output, 4 attention skip the wait for the kernel before, "
              "a timing bound only; *GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
-             "instead of the occupancy, four); `code` is the version in the record's file "
+             "instead of the occupancy, four; *attention for any head size*: "
+             "SPARSIFY_ATTN_GENERIC=1, the attention kernel that reads the head dimensions at "
+             "run time instead of the one compiled for them, the only one before run H16); "
+             "`code` is the version in the record's file "
              "name (`_vN`: an earlier record of that card; latest: that card's most recent "
              "record; kernels/cuda/NOTES.md names the code of each run)."), ""]
     seen = set()
@@ -298,6 +301,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
         cap = env.get("SPARSIFY_GEMV_BLOCKS_PER_SM")
         if cap:
             step += f", GEMV grids of {cap} blocks per SM"
+        if env.get("SPARSIFY_ATTN_GENERIC", "0") not in ("", "0"):
+            step += ", attention for any head size"
         bits = env.get("SPARSIFY_DIAG_NO_WAIT")
         if bits:
             step += f", **diagnostic: no wait {bits}, wrong results**"

@@ -228,8 +228,11 @@ def plot(args) -> None:
     for rec in recs:
         for lev in rec["levels"]:
             if lev.get("roles"):
+                env = " ".join(f"{k.removeprefix('SPARSIFY_')}={v}"
+                               for k, v in sorted((rec.get("environment") or {}).items()))
                 label = (f"{rec['format']} s={lev['sparsity']:g}"
-                         + (" (synthetic)" if rec.get("synthetic") else ""))
+                         + (" (synthetic)" if rec.get("synthetic") else "")
+                         + (f"\n{env}" if env else ""))
                 bars.append((label, lev["roles"], rec))
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(bars)))
     colors = {"qkv": "C0", "attention": "C1", "attn_output": "C2", "gate_up": "C3",

@@ -63,11 +63,11 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Block-wide sum (or max) in a fixed order, the same value in every thread. `red` holds one
 // float per warp; the leading barrier lets consecutive calls reuse it.
-template <bool kMax>
+template <bool kMax, int kBlockThreads>
 __device__ float block_reduce(float v, float *red) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
+  constexpr int warps = kBlockThreads / 32;
   v = kMax ? warp_max(v) : warp_sum(v);
   __syncthreads();
   if (lane == 0) red[warp] = v;
@@ -87,19 +87,19 @@ __global__ void __launch_bounds__(kNormThreads)
   float rs = 1.0f;
   if (r != nullptr && post_w != nullptr) {
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += r[i] * r[i];
-    rs = rsqrtf(block_reduce<false>(ss, red) * inv_d + eps);
+    for (int i = threadIdx.x; i < d; i += kNormThreads) ss += r[i] * r[i];
+    rs = rsqrtf(block_reduce<false, kNormThreads>(ss, red) * inv_d + eps);
   }
   // Each element is read, updated and normed by the same thread: no barrier between the passes.
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+  for (int i = threadIdx.x; i < d; i += kNormThreads) {
     float v = h[i];
     if (r != nullptr) v += (post_w != nullptr) ? r[i] * rs * post_w[i] : r[i];
     h[i] = v;
     ss += v * v;
   }
-  const float s = rsqrtf(block_reduce<false>(ss, red) * inv_d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x) x[i] = h[i] * s * w[i];
+  const float s = rsqrtf(block_reduce<false, kNormThreads>(ss, red) * inv_d + eps);
+  for (int i = threadIdx.x; i < d; i += kNormThreads) x[i] = h[i] * s * w[i];
 }
 
 struct AttnParams {
@@ -131,23 +131,24 @@ struct AttnParams {
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
 // L2 the cache rows this head's group will read, positions t0 .. pos - 1, which earlier steps
 // wrote; the rep query heads of a group take a share each.
-__device__ void prefetch_cache_rows(const AttnParams &p, long long pos, int h, int g, int rep) {
-  if (pos <= 0 || pos >= p.max_len) return;
-  const long long t0 = p.window > 0 ? max(0LL, pos - p.window + 1) : 0;
-  const long long share = (pos - t0 + rep - 1) / rep;
-  const long long r0 = t0 + (h % rep) * share;
-  const long long r1 = min(pos, r0 + share);
+__device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos, int h, int g,
+                                                    int rep, int dk, int dv) {
+  if (pos <= 0) return;  // pos < max_len: checked by the caller
+  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  const int share = (pos - t0 + rep - 1) / rep;
+  const int r0 = t0 + (h % rep) * share;
+  const int r1 = min(pos, r0 + share);
   if (r1 <= r0) return;
   // 16 KB pieces, one per thread: 16-byte aligned, since dk and dv are multiples of 4
   constexpr unsigned kPiece = 16384;
   const char *ranges[2] = {
-      reinterpret_cast<const char *>(p.kc + (static_cast<size_t>(g) * p.max_len + r0) * p.dk),
-      reinterpret_cast<const char *>(p.vc + (static_cast<size_t>(g) * p.max_len + r0) * p.dv)};
-  const size_t bytes[2] = {static_cast<size_t>(r1 - r0) * p.dk * 4,
-                           static_cast<size_t>(r1 - r0) * p.dv * 4};
+      reinterpret_cast<const char *>(p.kc + (static_cast<size_t>(g) * p.max_len + r0) * dk),
+      reinterpret_cast<const char *>(p.vc + (static_cast<size_t>(g) * p.max_len + r0) * dv)};
+  const size_t bytes[2] = {static_cast<size_t>(r1 - r0) * dk * 4,
+                           static_cast<size_t>(r1 - r0) * dv * 4};
   for (int c = 0; c < 2; ++c) {
     for (size_t o = static_cast<size_t>(threadIdx.x) * kPiece; o < bytes[c];
-         o += static_cast<size_t>(blockDim.x) * kPiece) {
+         o += static_cast<size_t>(kAttnThreads) * kPiece) {
       const size_t left = bytes[c] - o;
       prefetch_l2_range(ranges[c] + o, static_cast<unsigned>(left < kPiece ? left : kPiece),
                         true);
@@ -155,11 +156,15 @@ __device__ void prefetch_cache_rows(const AttnParams &p, long long pos, int h, i
   }
 }
 
+// DK, DV > 0: the head dimensions as compile-time constants (the launcher picks these for the
+// common shapes), so that every index, loop bound and group count below folds into the code;
+// 0: read from p. The arithmetic is the same either way.
+template <int DK, int DV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
   extern __shared__ float4 smem4[];
   float *sm = reinterpret_cast<float *>(smem4);
-  const int dk = p.dk;
-  const int dv = p.dv;
+  const int dk = DK > 0 ? DK : p.dk;
+  const int dv = DV > 0 ? DV : p.dv;
   float *q = sm;        // (dk) q of this head, then normed
   float *k = q + dk;    // (dk) the new key of this head's group
   float *qr = k + dk;   // (dk) q after RoPE
@@ -179,22 +184,23 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   // cache rows before pos. None of them is written by a kernel that lets this one launch early
   // (the q/k/v GEMV writes q/k/v only; pos moves between steps), so their round trips overlap
   // that kernel's tail instead of following it.
-  const long long pos = *p.pos;
-  const bool pos_ok = pos >= 0 && pos < p.max_len;  // uniform across the block
+  const long long pos64 = *p.pos;
+  const bool pos_ok = pos64 >= 0 && pos64 < p.max_len;  // uniform across the block
+  const int pos = pos_ok ? static_cast<int>(pos64) : 0;  // below max_len: int arithmetic
   float rc = 1.0f;
   float rs = 0.0f;
   int rj = tid;
   if (pos_ok && tid < dk) {
-    rc = p.cos_t[pos * dk + tid];
-    rs = p.sin_t[pos * dk + tid];
+    rc = p.cos_t[static_cast<size_t>(pos) * dk + tid];
+    rs = p.sin_t[static_cast<size_t>(pos) * dk + tid];
     rj = p.perm[tid];
   }
-  if (p.prefetch_cache) prefetch_cache_rows(p, pos, h, g, rep);
+  if (p.prefetch_cache && pos_ok) prefetch_cache_rows(p, pos, h, g, rep, dk, dv);
   wait_previous_grid(p.wait);
 
   float *out = p.out + static_cast<size_t>(h) * dv;
   if (!pos_ok) {  // uniform across the block: no barrier is skipped
-    for (int i = tid; i < dv; i += blockDim.x) out[i] = __int_as_float(0x7fc00000);
+    for (int i = tid; i < dv; i += kAttnThreads) out[i] = __int_as_float(0x7fc00000);
     return;
   }
   const float *qsrc = p.qkv + static_cast<size_t>(h) * dk;
@@ -202,11 +208,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const float *vsrc = p.qkv + static_cast<size_t>(p.n_head + p.n_head_kv) * dk +
                       static_cast<size_t>(g) * dv;
   if (p.parts <= 1) {
-    for (int i = tid; i < dk; i += blockDim.x) {
+    for (int i = tid; i < dk; i += kAttnThreads) {
       q[i] = qsrc[i];
       k[i] = ksrc[i];
     }
-    for (int i = tid; i < dv; i += blockDim.x) vn[i] = vsrc[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vn[i] = vsrc[i];
   } else {
     // qkv as the unreduced split-K rows of the q/k/v GEMV: add them here. The e = 2 dk + dv
     // elements this block needs times `parts` rows are spread over the threads (groups of
@@ -215,9 +221,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     // deterministic.
     constexpr int kRowsInFlight = 12;
     const int ne = 2 * dk + dv;
-    const int groups = max(1, static_cast<int>(blockDim.x) / ne);
+    const int groups = max(1, kAttnThreads / ne);
     float *gsum = part;  // (groups, ne) <= kPartFloats: ne <= 3 * kMaxHeadDim
-    for (int t = tid; t < groups * ne; t += blockDim.x) {
+    for (int t = tid; t < groups * ne; t += kAttnThreads) {
       const int g0 = t / ne;
       const int e = t % ne;
       const float *src = e < dk ? qsrc + e : (e < 2 * dk ? ksrc + (e - dk) : vsrc + (e - 2 * dk));
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
       gsum[g0 * ne + e] = a;
     }
     __syncthreads();
-    for (int e = tid; e < ne; e += blockDim.x) {
+    for (int e = tid; e < ne; e += kAttnThreads) {
       float a = gsum[e];
       for (int g0 = 1; g0 < groups; ++g0) a += gsum[g0 * ne + e];
       if (e < dk) {
@@ -251,14 +257,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   if (p.q_norm != nullptr) {  // model.rms_norm over each head, before RoPE (same thread/element)
     float sq = 0.0f;
     float sk = 0.0f;
-    for (int i = tid; i < dk; i += blockDim.x) {
+    for (int i = tid; i < dk; i += kAttnThreads) {
       sq += q[i] * q[i];
       sk += k[i] * k[i];
     }
     const float inv = 1.0f / static_cast<float>(dk);
-    const float a = rsqrtf(block_reduce<false>(sq, red) * inv + p.eps);
-    const float b = rsqrtf(block_reduce<false>(sk, red) * inv + p.eps);
-    for (int i = tid; i < dk; i += blockDim.x) {
+    const float a = rsqrtf(block_reduce<false, kAttnThreads>(sq, red) * inv + p.eps);
+    const float b = rsqrtf(block_reduce<false, kAttnThreads>(sk, red) * inv + p.eps);
+    for (int i = tid; i < dk; i += kAttnThreads) {
       q[i] = q[i] * a * p.q_norm[i];
       k[i] = k[i] * b * p.k_norm[i];
     }
@@ -274,14 +280,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   if (h % rep == 0) {  // one block per group writes the cache; no block reads position pos
     float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
     float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
-    for (int i = tid; i < dk; i += blockDim.x) kdst[i] = kr[i];
-    for (int i = tid; i < dv; i += blockDim.x) vdst[i] = vn[i];
+    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
   }
 
   // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
-  const int t0 = p.window > 0 ? static_cast<int>(max(0LL, pos - p.window + 1)) : 0;
-  const int nt = static_cast<int>(pos) - t0 + 1;
-  const int ipos = static_cast<int>(pos);
+  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  const int nt = pos - t0 + 1;
+  const int ipos = pos;
 
   // Scores: warp w takes keys w*K .. w*K + K - 1 (K = kKeysPerWarp), then the next 32*K; lanes
   // cover the head dimension in float4s. Indices past the end are clamped to the last key (a
@@ -319,15 +325,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
 
   // Softmax numerators in place (each j stays with one thread), then the denominator.
   float m = -INFINITY;
-  for (int j = tid; j < nt; j += blockDim.x) m = fmaxf(m, s[j]);
-  m = block_reduce<true>(m, red);
+  for (int j = tid; j < nt; j += kAttnThreads) m = fmaxf(m, s[j]);
+  m = block_reduce<true, kAttnThreads>(m, red);
   float sum = 0.0f;
-  for (int j = tid; j < nt; j += blockDim.x) {
+  for (int j = tid; j < nt; j += kAttnThreads) {
     const float e = expf(s[j] - m);
     s[j] = e;
     sum += e;
   }
-  sum = block_reduce<false>(sum, red);  // its barriers also publish every s[j]
+  sum = block_reduce<false, kAttnThreads>(sum, red);  // its barriers also publish every s[j]
 
   // Weighted values: thread (grp, c) adds float4 column c of rows grp, grp + groups, ...
   const int nchunk = dv / 4;
@@ -361,7 +367,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     reinterpret_cast<float4 *>(part)[grp * nchunk + c] = acc;
   }
   __syncthreads();
-  for (int i = tid; i < dv; i += blockDim.x) {
+  for (int i = tid; i < dv; i += kAttnThreads) {
     float o = 0.0f;
     for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
     o /= sum;
@@ -390,6 +396,27 @@ bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr
 int diag_no_wait() {
   const char *v = getenv("SPARSIFY_DIAG_NO_WAIT");
   return (v != nullptr && *v != '\0') ? atoi(v) : 0;
+}
+
+// SPARSIFY_ATTN_GENERIC=1 (benchmark A/B, see decode_ops.h): attention with the head dimensions
+// read at run time, also where a kernel specialised to them exists.
+bool attn_generic() {
+  const char *v = getenv("SPARSIFY_ATTN_GENERIC");
+  return v != nullptr && *v != '\0' && atoi(v) != 0;
+}
+
+using AttnKernel = void (*)(AttnParams);
+
+AttnKernel attention_kernel_for(int dk, int dv) {
+  if (!attn_generic() && dk == dv) {
+    switch (dk) {
+      case 64: return attention_kernel<64, 64>;
+      case 128: return attention_kernel<128, 128>;
+      case 256: return attention_kernel<256, 256>;
+      default: break;
+    }
+  }
+  return attention_kernel<0, 0>;
 }
 
 cudaError_t device_major(int *major) {
@@ -520,14 +547,15 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
   err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   // The per-block limit covers the kernel's static shared memory too.
+  const AttnKernel kernel = attention_kernel_for(dk, dv);
   cudaFuncAttributes fa;
-  err = cudaFuncGetAttributes(&fa, attention_kernel);
+  err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return err;
   limit -= static_cast<int>(fa.sharedSizeBytes);
   if (limit < 0 || smem > static_cast<size_t>(limit)) return cudaErrorNotSupported;
   if (smem > 48 * 1024) {
     // Past 48 KB a block must opt in; raising the limit is idempotent and not a stream op.
-    err = cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // returned here: not left for the next launch to report
@@ -567,7 +595,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                              p.next_scale_bytes % 16 == 0));
   p.prefetch_cache = (flags & SPARSIFY_ATTN_PREFETCH_CACHE) != 0;
   p.wait = (diag_no_wait() & 4) == 0;
-  return launch(attention_kernel, n_head, kAttnThreads, smem, stream, p);
+  return launch(kernel, n_head, kAttnThreads, smem, stream, p);
 }
 
 }  // extern "C"

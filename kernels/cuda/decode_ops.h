@@ -67,6 +67,11 @@
  *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
  *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
  *
+ * Head dimensions 64, 128 and 256 (dk == dv) run a kernel compiled for that size, others one
+ *   that reads them at run time; both compute the same thing in the same order. Benchmark A/B:
+ *   the environment variable SPARSIFY_ATTN_GENERIC=1 at launch time makes every launch take
+ *   the run-time one.
+ *
  * Timing diagnostic (not for use): with the environment variable SPARSIFY_DIAG_NO_WAIT holding
  *   a number with bit 4 set when a launch is made, attention does not wait for the kernel
  *   before it, and reads q/k/v that may still be being written (sparse_gemv.h has the bits for
