@@ -40,6 +40,10 @@ METRICS = {
     "warp_instructions": "smsp__inst_executed.sum",
     "issue_active_pct": "smsp__issue_active.avg.pct_of_peak_sustained_active",
 }
+# ncu prints durations and byte counts in a unit it picks per value; the record keeps ns and bytes.
+_TIME = {"usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6}
+_BYTES = {"Kbyte": 1e3, "KB": 1e3, "Mbyte": 1e6, "MB": 1e6, "Gbyte": 1e9, "GB": 1e9}
+TO_RECORD_UNIT = {"duration_ns": _TIME, "dram_bytes_read": _BYTES, "dram_bytes_write": _BYTES}
 STALL_PREFIX = "smsp__pcsamp_warps_issue_stalled_"
 
 
@@ -110,20 +114,9 @@ def kernel_summary(row: dict) -> dict:
     rec = {"name": cells.get("Kernel Name", ""), "id": cells.get("ID", ""),
            "device": cells.get("device__attribute_display_name", "")}
     for key, metric in METRICS.items():
-        if metric in cells and _number(cells[metric]) is not None:
-            v = _number(cells[metric])
-            unit = units.get(metric, "")
-            if key == "duration_ns" and unit in ("usecond", "us"):
-                v *= 1e3
-            elif key == "duration_ns" and unit in ("msecond", "ms"):
-                v *= 1e6
-            elif key.startswith("dram_bytes") and unit in ("Kbyte", "KB"):
-                v *= 1e3
-            elif key.startswith("dram_bytes") and unit in ("Mbyte", "MB"):
-                v *= 1e6
-            elif key.startswith("dram_bytes") and unit in ("Gbyte", "GB"):
-                v *= 1e9
-            rec[key] = v
+        v = _number(cells[metric]) if metric in cells else None
+        if v is not None:
+            rec[key] = v * TO_RECORD_UNIT.get(key, {}).get(units.get(metric, ""), 1.0)
     stalls = {}
     for name, value in cells.items():
         if name.startswith(STALL_PREFIX) and not name.endswith("_not_issued"):

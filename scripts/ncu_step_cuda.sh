@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute over one GPU decode step (scripts/ncu_step_cuda.py), from the repository root,
-# without installing the package (as scripts/bench_decode_cuda.sh).
+# without installing the package (scripts/uninstalled_env.sh).
 # Usage: scripts/ncu_step_cuda.sh OUT_DIR MODEL.gguf TABLE.json [FORMAT:LEVEL ...]
 #   default runs: fp16:0 fp16:0.5. Kernels 20-29 of the step's GEMV and attention launches are
 #   profiled (blocks 4 and 5 of a model whose blocks launch five of them each); NCU_KERNELS,
@@ -12,13 +12,8 @@ table=${3:?table}
 shift 3
 runs=("$@")
 [ ${#runs[@]} -eq 0 ] && runs=(fp16:0 fp16:0.5)
-root=$(cd "$(dirname "$0")/.." && pwd)
-pl=$(mktemp -d)
-ln -sfn "$root/kernels" "$pl/sparsify_kernels"
-export PYTHONPATH="$root:$pl:$root/scratch/cudalib${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
 mkdir -p "$out"
-cd "$root"
+. "$(dirname "$0")/uninstalled_env.sh"
 ncu --version | tee "$out/ncu_version.txt"
 raws=()
 for r in "${runs[@]}"; do

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 BUNDLED_NAMES = ("smollm2-135m", "gemma3-270m")
 
@@ -23,6 +28,19 @@ def _stable_seed(text: str) -> int:
 @pytest.fixture
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """A file of scripts/ imported as a module by name (scripts/ is not a package)."""
+
+    def get(name: str):
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,11 +20,8 @@ UNITS = '"","","","usecond","Mbyte","","","inst","","",""'
 
 
 @pytest.fixture(scope="module")
-def ncu():
-    spec = importlib.util.spec_from_file_location("ncu_step_cuda", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ncu(script_module):
+    return script_module("ncu_step_cuda")
 
 
 def page(tmp_path: Path, *rows: str) -> Path:

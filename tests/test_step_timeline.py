@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "step_timeline_cuda.py"
-
 
 @pytest.fixture(scope="module")
-def tl():
-    spec = importlib.util.spec_from_file_location("step_timeline_cuda", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tl(script_module):
+    return script_module("step_timeline_cuda")
 
 
 def block(i: int) -> list[str]:

@@ -391,24 +391,21 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
 
 bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr) % b == 0; }
 
-// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, see sparse_gemv.h): bit 4 makes attention skip
-// the wait for the kernel before it.
-int diag_no_wait() {
-  const char *v = getenv("SPARSIFY_DIAG_NO_WAIT");
+// A launch-time integer setting from the environment (0 when unset or empty), as sparse_gemv.cu
+// reads its own; each .cu compiles on its own, so each has its copy. Read here:
+// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, see sparse_gemv.h), whose bit 4 makes attention skip
+// the wait for the kernel before it, and SPARSIFY_ATTN_GENERIC (benchmark A/B, see
+// decode_ops.h), nonzero for attention with the head dimensions read at run time, also where a
+// kernel specialised to them exists.
+int env_int(const char *name) {
+  const char *v = getenv(name);
   return (v != nullptr && *v != '\0') ? atoi(v) : 0;
-}
-
-// SPARSIFY_ATTN_GENERIC=1 (benchmark A/B, see decode_ops.h): attention with the head dimensions
-// read at run time, also where a kernel specialised to them exists.
-bool attn_generic() {
-  const char *v = getenv("SPARSIFY_ATTN_GENERIC");
-  return v != nullptr && *v != '\0' && atoi(v) != 0;
 }
 
 using AttnKernel = void (*)(AttnParams);
 
 AttnKernel attention_kernel_for(int dk, int dv) {
-  if (!attn_generic() && dk == dv) {
+  if (env_int("SPARSIFY_ATTN_GENERIC") == 0 && dk == dv) {
     switch (dk) {
       case 64: return attention_kernel<64, 64>;
       case 128: return attention_kernel<128, 128>;
@@ -594,7 +591,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                 (next->scales == nullptr || (aligned(next->scales, 16) &&
                                              p.next_scale_bytes % 16 == 0));
   p.prefetch_cache = (flags & SPARSIFY_ATTN_PREFETCH_CACHE) != 0;
-  p.wait = (diag_no_wait() & 4) == 0;
+  p.wait = (env_int("SPARSIFY_DIAG_NO_WAIT") & 4) == 0;
   return launch(kernel, n_head, kAttnThreads, smem, stream, p);
 }
 
