@@ -56,7 +56,7 @@ def card_tag(name: str) -> str:
 
 
 def bench_one(model: str, table: str | None, levels: list[float], fmt: str, out: Path,
-              tokens: int, repeats: int, label: str) -> Path | None:
+              tokens: int, repeats: int, label: str, context: int | None = None) -> Path | None:
     import torch
 
     from sparsify.bench import run_bench
@@ -64,7 +64,8 @@ def bench_one(model: str, table: str | None, levels: list[float], fmt: str, out:
     path = out / f"decode_cuda_{card_tag(torch.cuda.get_device_name())}_{label}_{fmt}.json"
     t0 = time.monotonic()
     try:
-        run_bench(model, "cuda", levels, table, fmt, tokens, repeats, None, str(path), True)
+        run_bench(model, "cuda", levels, table, fmt, tokens, repeats, None, str(path), True,
+                  context)
     except Exception as e:  # noqa: BLE001 (keep going: later formats may still run)
         log(f"bench {label} {fmt} failed: {type(e).__name__}: {e}")
         return None
@@ -104,7 +105,7 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
         kernels: bool, table_path: Path | None, small: bool,
         formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variants: tuple[int, ...] = (),
         ab_formats: tuple[str, ...] = (), ab_envs: tuple[str, ...] = (),
-        kernel_variants: str = "", tests: bool = True) -> None:
+        kernel_variants: str = "", tests: bool = True, contexts: tuple[int, ...] = ()) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -203,17 +204,22 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
     for setting in ab_envs:
         name, _, value = setting.partition("=")
         runs.append({name: value})
-    for settings in runs:
+    # Then the A/B formats after a long prompt (--contexts): the default step first, then each
+    # setting, so that attention over many cached keys is compared in the same process.
+    plan = [(settings, None) for settings in runs]
+    for ctx in contexts:
+        plan += [({}, ctx)] + [(settings, ctx) for settings in runs]
+    for settings, ctx in plan:
         os.environ.update(settings)
         tag = "_".join(re.sub(r"[^A-Za-z0-9]+", "", f"{k.split('_')[-1]}{v}").lower()
                        for k, v in settings.items())
+        label = "_".join(x for x in ("synthetic-llama3-8b", f"ctx{ctx}" if ctx else "", tag) if x)
         for fmt in ab_formats:
-            if left(deadline) < 55:
-                log(f"skipping A/B {settings} {fmt}: {left(deadline):.0f} s left")
+            if left(deadline) < 55 + (ctx or 0) / 40:
+                log(f"skipping A/B {settings} context {ctx} {fmt}: {left(deadline):.0f} s left")
                 continue
-            path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats,
-                             f"synthetic-llama3-8b_{tag}")
-            if path is not None:
+            path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats, label, ctx)
+            if path is not None and settings:
                 rec = json.loads(path.read_text())
                 rec["environment"] = settings
                 if "SPARSIFY_GEMV_VARIANT" in settings:
@@ -258,7 +264,12 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "reads; *preloaded*: the cache rows copied into its shared memory before its "
              "wait; *diagnostic: no wait N*: SPARSIFY_DIAG_NO_WAIT=N, the launches of bits "
              "1 ffn_down, 2 attn_output, 4 attention skip the wait for the kernel before, "
-             "a timing bound only; *GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
+             "a timing bound only; *attention split-KV*: past 256 visible keys per range, each "
+             "head's keys spread over several blocks, combined by the last (records before "
+             "it, and any with SPARSIFY_CUDA_ATTN_SPLITS=1, run one block per head); "
+             "*after N tokens of context*: decode after an N-token prompt of built-in text "
+             "(`sparsify bench --context N`), the other records after a one-line prompt; "
+             "*GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
              "instead of the occupancy, four; *attention for any head size*: "
              "SPARSIFY_ATTN_GENERIC=1, the attention kernel that reads the head dimensions at "
              "run time instead of the one compiled for them, the only one before run H16); "
@@ -303,6 +314,10 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
             step += f", GEMV grids of {cap} blocks per SM"
         if env.get("SPARSIFY_ATTN_GENERIC", "0") not in ("", "0"):
             step += ", attention for any head size"
+        if (r.get("attn_splits") or 1) > 1:
+            step += f", attention split-KV (up to {r['attn_splits']} blocks per head)"
+        if r.get("prompt") is None and r.get("context"):
+            model += f", after {r['context']} tokens of context"
         bits = env.get("SPARSIFY_DIAG_NO_WAIT")
         if bits:
             step += f", **diagnostic: no wait {bits}, wrong results**"
@@ -342,6 +357,9 @@ def main() -> None:
     r.add_argument("--ab-env", action="append", default=[], metavar="NAME=VALUE",
                    help="then benchmark --ab-formats again with this environment setting "
                         "(repeatable: one run per setting)")
+    r.add_argument("--contexts", default="",
+                   help="comma-separated prompt lengths: the --ab-formats again after a prompt "
+                        "of that many tokens, default step and each A/B setting")
     r.add_argument("--kernel-variants", default="",
                    help="with --kernels: time only these launch variants besides the default "
                         "(comma-separated numbers)")
@@ -353,7 +371,7 @@ def main() -> None:
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
             not a.no_small, tuple(f for f in a.formats.split(",") if f), tuple(a.ab_variant),
             tuple(f for f in a.ab_formats.split(",") if f), tuple(a.ab_env), a.kernel_variants,
-            not a.no_tests)
+            not a.no_tests, tuple(int(c) for c in a.contexts.split(",") if c))
     else:
         items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
         a.output.write_text(markdown(items))

@@ -23,6 +23,26 @@ from .errors import SparsifyError
 BENCH_PROMPT = "The history of the bicycle begins"
 
 
+def bench_prompt_ids(tokenizer, context: int | None = None) -> list[int]:
+    """The prompt a benchmark decodes after: BENCH_PROMPT, or with ``context``, the first
+    ``context`` tokens of the built-in held-out text (decode then runs at positions from
+    ``context`` on, where attention reads that many cached keys)."""
+    if not context:
+        return tokenizer.encode(BENCH_PROMPT)
+    from .corpus import heldout
+
+    text = heldout().text
+    chars = 8 * context
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if len(ids) >= context or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < context:
+        raise SparsifyError(f"--context {context}: the built-in text gives only {len(ids)} tokens")
+    return ids[:context]
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -111,7 +131,7 @@ def llamacpp_decode_rate(path: Path, prompt: str, tokens: int, repeats: int,
 
 def run_bench(spec: str, device: str, levels: list[float], table_path: str | None,
               fmt: str | None, tokens: int, repeats: int, threads: int | None,
-              json_out: str | None, force: bool) -> None:
+              json_out: str | None, force: bool, context: int | None = None) -> None:
     from .loader import load
 
     if json_out and Path(json_out).exists() and not force:
@@ -128,16 +148,17 @@ def run_bench(spec: str, device: str, levels: list[float], table_path: str | Non
     if device == "cuda":
         from .engine_cuda import bench_cuda
 
-        record = bench_cuda(loaded, table, levels, fmt or "fp16", tokens, repeats)
+        record = bench_cuda(loaded, table, levels, fmt or "fp16", tokens, repeats, context)
     else:
-        record = bench_cpu(loaded, table, levels, fmt or "int8", tokens, repeats, threads)
+        record = bench_cpu(loaded, table, levels, fmt or "int8", tokens, repeats, threads,
+                           context)
     _print_table(record)
     if json_out:
         write_json_atomic(Path(json_out), record)
 
 
 def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats: int,
-              threads: int | None) -> dict:
+              threads: int | None, context: int | None = None) -> dict:
     import numba
 
     from .engine_cpu import FORMATS, CPUEngine
@@ -152,8 +173,9 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
     numba.set_num_threads(threads)
     try:
         print(f"packing weights ({fmt}) ...", file=sys.stderr)
-        engine = CPUEngine(loaded.model(), fmt=fmt, max_len=len(BENCH_PROMPT) + tokens + 16)
-        ids = loaded.tokenizer.encode(BENCH_PROMPT)
+        ids = bench_prompt_ids(loaded.tokenizer, context)
+        engine = CPUEngine(loaded.model(), fmt=fmt,
+                           max_len=max(len(BENCH_PROMPT), len(ids)) + tokens + 16)
         engine.set_thresholds(None)
         engine.prefill(ids[:2])  # compile and warm the caches
         rows = []
@@ -178,7 +200,8 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
         base = rows[0]["tok_s"]["median"] if levels and levels[0] == 0 else None
         for r in rows:
             r["speedup"] = r["tok_s"]["median"] / base if base else None
-        llama = llamacpp_decode_rate(loaded.path, BENCH_PROMPT, tokens, repeats, threads)
+        llama = (llamacpp_decode_rate(loaded.path, BENCH_PROMPT, tokens, repeats, threads)
+                 if not context else "not run with --context")
     finally:
         numba.set_num_threads(old)
     return {
@@ -186,7 +209,8 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
         "cores": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
         "versions": versions(), "model": loaded.path.name,
         "architecture": loaded.cfg.arch, "synthetic": is_synthetic(loaded), "format": fmt,
-        "tokens": tokens, "repeats": repeats, "prompt": BENCH_PROMPT,
+        "tokens": tokens, "repeats": repeats, "prompt": BENCH_PROMPT if not context else None,
+        "context": len(ids),
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "levels": rows,

@@ -223,16 +223,19 @@ def eval_(model: str, table_path: str, sparsity: str, method: str, text: str | N
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--context", type=click.IntRange(1), default=None,
+              help="Decode after this many tokens of built-in text (attention then reads that "
+                   "many cached keys) instead of a one-line prompt.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--force", is_flag=True, help="Overwrite an existing JSON file.")
 def bench(model: str, device: str, sparsity: str, table_path: str | None, fmt: str | None,
-          tokens: int, repeats: int, threads: int | None, json_out: str | None,
-          force: bool) -> None:
+          tokens: int, repeats: int, threads: int | None, context: int | None,
+          json_out: str | None, force: bool) -> None:
     """Decode tokens/s of MODEL, dense and sparse (and llama.cpp's when installed)."""
     from .bench import run_bench
 
     run_bench(model, device, _levels(sparsity), table_path, fmt, tokens, repeats, threads,
-              json_out, force)
+              json_out, force, context)
 
 
 def _levels(text: str) -> list[float]:

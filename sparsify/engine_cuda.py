@@ -31,6 +31,9 @@ attn_output's input before that GEMV starts, and can prefetch into L2 the weight
 will keep (``prefetch=True``, or ``SPARSIFY_CUDA_PREFETCH=1``; off by default: it measured
 slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches the cache rows
 it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
+Past a few hundred visible keys attention splits each head's keys over several blocks (as many
+as fill the device; ``attn_splits=1``, or ``SPARSIFY_CUDA_ATTN_SPLITS=1``, keeps one block per
+head).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -117,7 +120,7 @@ class CUDAEngine:
                  device: str | torch.device = "cuda", use_graph: bool = True,
                  fused: bool | None = None, fold_norms: bool | None = None,
                  defer: bool | str | None = None, prefetch: bool | None = None,
-                 prefetch_cache: bool | None = None) -> None:
+                 prefetch_cache: bool | None = None, attn_splits: int | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -186,6 +189,17 @@ class CUDAEngine:
         if prefetch_cache is None:
             prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "1") != "0"
         self.prefetch_cache = bool(prefetch_cache) and self.fused
+        # Split-KV attention: at long contexts each head's keys spread over several blocks.
+        if attn_splits is None:
+            env = os.environ.get("SPARSIFY_CUDA_ATTN_SPLITS", "")
+            attn_splits = int(env) if env else (
+                self._kc.attention_splits(cfg.n_head, self.device) if self.fused else 1)
+        if attn_splits < 1:
+            raise ValueError(f"attn_splits must be positive, got {attn_splits}")
+        self.attn_splits = int(attn_splits) if self.fused else 1
+        self.attn_ws = (self._kc.attention_workspace(cfg.n_head, cfg.head_dim_v,
+                                                     self.attn_splits, self.device)
+                        if self.attn_splits > 1 else None)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -509,7 +523,8 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            hints = {"prefetch_cache": self.prefetch_cache}
+            hints = {"prefetch_cache": self.prefetch_cache, "splits": self.attn_splits,
+                     "workspace": self.attn_ws}
             if self.prefetch and self._skip_gemv is None:
                 hints.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
                              next_factor=o.norms if self.weight_aware else None)
@@ -589,6 +604,17 @@ class CUDAEngine:
             self.step(t)
         return self.logits
 
+    def save_state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The position and next token, for :meth:`restore_state` (the KV cache before the
+        position is left as is by later steps, so restoring replays the same decode)."""
+        return self.tok.clone(), self.pos.clone(), self.n_pos
+
+    def restore_state(self, state: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        tok, pos, n_pos = state
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.n_pos = n_pos
+
     def decode_greedy(self, n: int) -> None:
         """n greedy steps from the last argmax, back to back on the device (no synchronisation).
 
@@ -660,13 +686,18 @@ class CUDAEngine:
     def weight_bytes(self) -> int:
         return self.block_bytes + self.head.nbytes
 
-    def count_bytes(self, prompt_ids: list[int], n: int) -> tuple[float, dict[str, float]]:
-        """Weight bytes read per decode token over n greedy tokens after ``prompt_ids``, and the
-        realized sparsity per tensor, from an eager pass that counts kept channels with the
-        kernels' own compare (not timed)."""
+    def count_bytes(self, prompt_ids: list[int], n: int, state=None
+                    ) -> tuple[float, dict[str, float]]:
+        """Weight bytes read per decode token over n greedy tokens after ``prompt_ids`` (or
+        from ``state``, :meth:`save_state` after that prompt), and the realized sparsity per
+        tensor, from an eager pass that counts kept channels with the kernels' own compare
+        (not timed)."""
         self._counting = True
         try:
-            self.prefill(prompt_ids)
+            if state is None:
+                self.prefill(prompt_ids)
+            else:
+                self.restore_state(state)
             self.kept.zero_()
             self.decode_greedy(n)
             kept = self.kept.cpu().numpy()
@@ -735,11 +766,17 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def _time_greedy(engine: CUDAEngine, ids: list[int], tokens: int, repeats: int) -> list[float]:
-    """tokens/s of greedy decode (prefill excluded), one device synchronisation per run."""
+def _time_greedy(engine: CUDAEngine, ids: list[int], tokens: int, repeats: int,
+                 state=None) -> list[float]:
+    """tokens/s of greedy decode (prefill excluded), one device synchronisation per run; from
+    ``state`` (:meth:`CUDAEngine.save_state` after prefilling ``ids``) instead of a prefill
+    per run when given."""
     rates = []
     for _ in range(repeats):
-        engine.prefill(ids)
+        if state is None:
+            engine.prefill(ids)
+        else:
+            engine.restore_state(state)
         torch.cuda.synchronize(engine.device)
         t0 = time.perf_counter()
         engine.decode_greedy(tokens)
@@ -748,13 +785,16 @@ def _time_greedy(engine: CUDAEngine, ids: list[int], tokens: int, repeats: int) 
     return rates
 
 
-def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeats: int) -> dict:
+def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeats: int,
+               context: int | None = None) -> dict:
     """Decode tokens/s per sparsity level on the GPU, with bytes, GB/s and the bandwidth bound.
 
     The bound is (copy bandwidth measured in this run) / (weight bytes read per token): the
-    tokens/s of a decoder that does nothing but stream its weights once per token.
+    tokens/s of a decoder that does nothing but stream its weights once per token. With
+    ``context`` the prompt is that many tokens of built-in text, prefilled once per level; the
+    repeats then decode from the same saved position.
     """
-    from .bench import BENCH_PROMPT, is_synthetic, summarize, versions
+    from .bench import BENCH_PROMPT, bench_prompt_ids, is_synthetic, summarize, versions
 
     if fmt not in FORMATS:
         raise SparsifyError(f"--format {fmt} is not available on cuda "
@@ -762,7 +802,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
     if not torch.cuda.is_available():
         raise SparsifyError("--device cuda: no CUDA device is available to torch")
     dev = torch.device("cuda", torch.cuda.current_device())
-    ids = loaded.tokenizer.encode(BENCH_PROMPT)
+    ids = bench_prompt_ids(loaded.tokenizer, context)
     print(f"packing weights ({fmt}) on {torch.cuda.get_device_name(dev)} ...", file=sys.stderr)
     t0 = time.perf_counter()
     engine = CUDAEngine(loaded, fmt=fmt, max_len=len(ids) + tokens + 16, device=dev)
@@ -775,10 +815,15 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
     for s in levels:
         thresholds = None if s == 0 or table is None else table.thresholds_at(s)
         engine.set_thresholds(thresholds, weight_aware and thresholds is not None)
-        _time_greedy(engine, ids, min(tokens, 8), 1)  # capture and warm up at this level
+        _time_greedy(engine, ids[:8], min(tokens, 8), 1)  # capture and warm up at this level
+        state = None
+        if context:
+            print(f"level {s:g}: prefilling {len(ids)} tokens ...", file=sys.stderr)
+            engine.prefill(ids)
+            state = engine.save_state()
         print(f"level {s:g}: {repeats} x {tokens} tokens ...", file=sys.stderr)
-        rates = _time_greedy(engine, ids, tokens, repeats)
-        bpt, realized = engine.count_bytes(ids, tokens)
+        rates = _time_greedy(engine, ids, tokens, repeats, state)
+        bpt, realized = engine.count_bytes(ids, tokens, state)
         ts = summarize(rates)
         bound = copy_bw / bpt
         rows.append({
@@ -790,8 +835,9 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
             "realized_min": float(min(realized.values())),
             "realized_max": float(max(realized.values())),
         })
-    glue = engine.glue_ms(ids, min(tokens, 64))
-    print(f"glue alone (GEMVs left out): {glue:.3f} ms/step", file=sys.stderr)
+    glue = engine.glue_ms(ids, min(tokens, 64)) if not context else None
+    if glue is not None:
+        print(f"glue alone (GEMVs left out): {glue:.3f} ms/step", file=sys.stderr)
     base = rows[0]["tok_s"]["median"] if levels and levels[0] == 0 else None
     for r in rows:
         r["speedup"] = r["tok_s"]["median"] / base if base else None
@@ -803,7 +849,8 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "compute_capability": info["compute_capability"], "threads": None, "batch": 1,
         "versions": vers, "model": loaded.path.name, "architecture": loaded.cfg.arch,
         "synthetic": is_synthetic(loaded), "format": fmt, "tokens": tokens, "repeats": repeats,
-        "prompt": BENCH_PROMPT, "cuda_graph": True,
+        "prompt": BENCH_PROMPT if not context else None, "context": len(ids),
+        "cuda_graph": True, "attn_splits": engine.attn_splits,
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,

@@ -67,3 +67,18 @@ def test_foreign_file_is_refused(tmp_path):
     r = run("info", str(f))
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {f}: not a GGUF file (bad magic)"
+
+
+def test_bench_context_prompt_is_built_in_text(loaded):
+    """`sparsify bench --context N` decodes after the first N tokens of the built-in held-out
+    text: exactly N tokens, the same on every call, and the plain bench prompt without it."""
+    from sparsify.bench import BENCH_PROMPT, bench_prompt_ids
+    from sparsify.corpus import heldout
+
+    tok = loaded("smollm2-135m").tokenizer
+    assert bench_prompt_ids(tok) == tok.encode(BENCH_PROMPT)
+    ids = bench_prompt_ids(tok, 1500)
+    assert len(ids) == 1500 and ids == bench_prompt_ids(tok, 1500)
+    assert tok.decode(ids[1:40]) in heldout().text
+    r = run("bench", "x.gguf", "--context", "0")
+    assert r.returncode == 2 and "--context" in r.stderr

@@ -307,3 +307,32 @@ def test_attention_prefetches_change_nothing(models, fmt, weight_aware):
             runs.append((toks, eng.logits.cpu().clone()))
         assert runs[0][0] == runs[1][0]
         assert torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
+def test_split_attention_follows_unsplit_at_long_context(models):
+    """Past 256 cached keys the attention kernel spreads each head's keys over several blocks
+    (split-KV); after a 700-token prompt it gives the same greedy tokens as one block per head
+    and logits within float32 rounding of the combine, dense and sparse."""
+    from sparsify.engine_cuda import CUDAEngine
+
+    loaded = models("synthetic-small")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, loaded.cfg.vocab_size, (700,), generator=g).tolist()
+    split = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=4)
+    one = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=1)
+    assert split.attn_splits == 4 and one.attn_splits == 1 and one.attn_ws is None
+    default = CUDAEngine(loaded, fmt="fp16", max_len=16, device=DEVICE)
+    from sparsify_kernels import cuda as kc
+
+    assert default.attn_splits == kc.attention_splits(loaded.cfg.n_head, default.device)
+    names = loaded.cfg.projection_names
+    for thr in (None, {n: 0.02 * (1 + j % 3) for j, n in enumerate(names)}):
+        runs = []
+        for eng in (split, one):
+            eng.set_thresholds(thr)
+            toks = eng.generate(ids, 16)
+            runs.append((toks, eng.logits.cpu().clone()))
+        (ts, ls), (to, lo) = runs
+        assert ts == to
+        assert float((ls - lo).abs().max()) <= 1e-4 * float(lo.abs().max())

@@ -778,11 +778,12 @@ ATTN_CASES = [  # n_head, n_head_kv, dk, dv, max_len, pos, window, qk_norm, neox
 ]
 
 
-def check_attention(gen, case, rows: int = 0) -> None:
+def check_attention(gen, case, rows: int = 0, splits: int = 1) -> None:
     """The attention kernel on one case against the reference: q/k/v as one vector (rows = 0)
     or as `rows` unreduced split rows of the q/k/v GEMV, which the kernel adds (in its own fixed
-    order) before use, against the reference on their float32 sum in row order. Checks the
-    output, the new key and value at pos, and that no other cache entry moved."""
+    order) before use, against the reference on their float32 sum in row order; with `splits`,
+    the visible keys cut into ranges over up to that many blocks per head. Checks the output,
+    the new key and value at pos, and that no other cache entry moved."""
     nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
     dev = torch.device("cuda")
     width = nh * dk + nkv * (dk + dv)
@@ -811,10 +812,12 @@ def check_attention(gen, case, rows: int = 0) -> None:
         q_norm=qn, k_norm=kn)
     kd, vd = kc_.to(dev), vc_.to(dev)
     out = torch.full((nh * dv,), float("nan"), device=dev)
+    ws = kc.attention_workspace(nh, dv, splits, dev) if splits > 1 else None
     kc.attention_decode(arg, kd, vd, torch.tensor([pos], device=dev), cos.to(dev), sin.to(dev),
                         perm.to(dev), out, n_head=nh, scale=scale, eps=eps, window=window,
                         q_norm=None if qn is None else qn.to(dev),
-                        k_norm=None if kn is None else kn.to(dev))
+                        k_norm=None if kn is None else kn.to(dev), splits=splits,
+                        workspace=ws)
     torch.cuda.synchronize()
     got = out.double().cpu()
     assert not torch.isnan(got).any()
@@ -852,6 +855,104 @@ def test_attention_decode_matches_reference(gen, case):
                          ids=lambda c: "h{}-{}_d{}-{}".format(*c[:4]))
 def test_attention_decode_partial_rows(gen, case, rows):
     check_attention(gen, case, rows)
+
+
+# Split-KV cases: long enough for several ranges of 256 keys (or of fewer, under
+# SPARSIFY_ATTN_SPLIT_KEYS), windows and grouped heads included.
+SPLIT_CASES = [  # case, splits, SPARSIFY_ATTN_SPLIT_KEYS ("" = the default 256)
+    (ATTN_CASES[2], 4, ""),  # 300 keys: 2 ranges
+    (ATTN_CASES[4], 4, ""),  # 1001 keys: 4 ranges
+    (ATTN_CASES[4], 3, ""),  # 1001 keys over 3: uneven ranges
+    (ATTN_CASES[5], 8, ""),  # window 512: 2 ranges, the first starting at pos - 511
+    ((6, 2, 36, 44, 2000, 1999, 0, False, True), 7, ""),  # run-time head sizes, 7 ranges
+    ((4, 1, 256, 256, 900, 899, 0, True, True), 2, ""),
+    (ATTN_CASES[0], 5, "8"),  # 1 key at pos 0: one range whatever the setting
+    ((6, 3, 8, 8, 40, 39, 0, False, False), 5, "8"),  # 40 keys, 5 ranges of 8
+    ((6, 3, 8, 8, 40, 39, 0, False, False), 64, "1"),  # keys per range raised to 63: 1 range
+    ((2, 1, 16, 16, 300, 257, 3, False, False), 4, "1"),  # window 3 keys, 4 ranges clamp to 1
+]
+
+
+@on_gpu
+@pytest.mark.parametrize("case,splits,keys", SPLIT_CASES,
+                         ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c) if isinstance(
+                             c, tuple) else str(c))
+def test_attention_decode_split_matches_reference(gen, case, splits, keys, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", keys)
+    check_attention(gen, case, splits=splits)
+    check_attention(gen, case, rows=22, splits=splits)  # as in decode: q/k/v as 22 split rows
+
+
+@on_gpu
+def test_attention_decode_split_replays_in_a_graph(gen):
+    """One captured launch with up to 4 ranges per head, replayed at device-side positions that
+    need 1, 2, 3 and 4 ranges (and back to 1): each replay's output is bit for bit that of a
+    direct launch at that position with its own fresh workspace, and equals the unsplit launch
+    bit for bit where one range covers every key. So the tickets reset themselves between
+    launches and nothing depends on the capture-time position."""
+    nh, nkv, dk, L = 8, 2, 64, 1100
+    dev = torch.device("cuda")
+    width = nh * dk + 2 * nkv * dk
+    qkv = torch.randn(width, generator=gen).to(dev)
+    kc0, vc0 = (torch.randn(nkv, L, dk, generator=gen).to(dev) for _ in range(2))
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+    kd, vd = kc0.clone(), vc0.clone()
+    pos = torch.tensor([0], device=dev)
+    out = torch.zeros(nh * dk, device=dev)
+    ws = kc.attention_workspace(nh, dk, 4, dev)
+
+    def launch(o, k, v, p, splits, w):
+        kc.attention_decode(qkv, k, v, p, cos, sin, perm, o, n_head=nh, scale=0.125,
+                            splits=splits, workspace=w)
+
+    launch(out, kd, vd, pos, 4, ws)  # warm-up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        launch(out, kd, vd, pos, 4, ws)
+    for p in (200, 300, 700, 1099, 100):
+        pos.fill_(p)
+        kd.copy_(kc0)
+        vd.copy_(vc0)
+        g.replay()
+        want = torch.zeros_like(out)
+        kw, vw = kc0.clone(), vc0.clone()
+        launch(want, kw, vw, torch.tensor([p], device=dev), 4,
+               kc.attention_workspace(nh, dk, 4, dev))
+        plain = torch.zeros_like(out)
+        launch(plain, kc0.clone(), vc0.clone(), torch.tensor([p], device=dev), 1, None)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), p
+        assert torch.equal(kd, kw) and torch.equal(vd, vw), p
+        if p < 256:
+            assert torch.equal(out, plain), p
+        else:
+            err = float((out - plain).abs().max() / plain.abs().max())
+            assert 0 < err < 1e-5 or torch.equal(out, plain), (p, err)
+    assert not ws[:4 * nh].any()  # every ticket back at zero
+
+
+@on_gpu
+def test_attention_decode_split_arguments(gen):
+    dev = torch.device("cuda")
+    nh, nkv, dk, L = 4, 2, 16, 10
+    qkv = torch.randn(nh * dk + nkv * 2 * dk, generator=gen).to(dev)
+    kd, vd = torch.zeros(nkv, L, dk, device=dev), torch.zeros(nkv, L, dk, device=dev)
+    cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, False))
+    out = torch.zeros(nh * dk, device=dev)
+    pos = torch.tensor([3], device=dev)
+    args = (qkv, kd, vd, pos, cos, sin, perm, out)
+    with pytest.raises(ValueError, match="workspace"):
+        kc.attention_decode(*args, n_head=nh, scale=0.25, splits=2)
+    small = torch.zeros(kc.attention_workspace(nh, dk, 2, dev).numel() - 16, dtype=torch.uint8,
+                        device=dev)
+    with pytest.raises(ValueError, match="workspace has"):
+        kc.attention_decode(*args, n_head=nh, scale=0.25, splits=2, workspace=small)
+    with pytest.raises(ValueError, match="splits"):
+        kc.attention_decode(*args, n_head=nh, scale=0.25, splits=65,
+                            workspace=kc.attention_workspace(nh, dk, 64, dev))
+    assert 1 <= kc.attention_splits(nh, dev) <= kc.MAX_ATTN_SPLITS
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    assert nh * kc.attention_splits(nh, dev) <= max(sms, nh)
 
 
 @on_gpu

@@ -187,8 +187,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparsify_attention_decode_ex.argtypes = ([p, i, i] + [p] * 9 + [i] * 6 + [f, f]
                                                  + [ctypes.POINTER(_NextRows), i, p])
     lib.sparsify_attention_decode_ex.restype = i
+    # as sparsify_attention_decode_ex up to flags, then splits, workspace, workspace_bytes, stream
+    lib.sparsify_attention_decode_split.argtypes = ([p, i, i] + [p] * 9 + [i] * 6 + [f, f]
+                                                    + [ctypes.POINTER(_NextRows), i, i, p, z, p])
+    lib.sparsify_attention_decode_split.restype = i
     lib.sparsify_attention_smem_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_smem_bytes.restype = z
+    lib.sparsify_attention_workspace_bytes.argtypes = [i, i, i]
+    lib.sparsify_attention_workspace_bytes.restype = z
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
     # blocks_per_sm, stream
     lib.sparsify_gemv_tuned.argtypes = [i, p, p, p, p, p, p, i, i, p, z, i, i, p]
@@ -607,6 +613,24 @@ def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | i
     return smem + 1024 <= limit  # room for the kernel's static shared memory (128 bytes)
 
 
+MAX_ATTN_SPLITS = 64  # decode_ops.h
+
+
+def attention_splits(n_head: int, device: torch.device | int | str) -> int:
+    """Key-range splits per head that fill ``device`` without queueing blocks: the largest s
+    with n_head * s <= multiprocessors (at least 1, at most MAX_ATTN_SPLITS)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_ATTN_SPLITS, sms // max(1, int(n_head))))
+
+
+def attention_workspace(n_head: int, dv: int, splits: int, device: torch.device | int | str
+                        ) -> torch.Tensor:
+    """A zeroed uint8 CUDA tensor for :func:`attention_decode` with ``splits`` > 1."""
+    need = int(load(device).sparsify_attention_workspace_bytes(int(n_head), int(dv), int(splits)))
+    _check(need > 0, f"no attention workspace for n_head={n_head}, dv={dv}, splits={splits}")
+    return torch.zeros(need, dtype=torch.uint8, device=device)
+
+
 def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, perm: torch.Tensor, out: torch.Tensor,
                      *, n_head: int, scale: float, eps: float = 0.0, window: int = 0,
@@ -614,7 +638,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
                      next_w: torch.Tensor | None = None, next_threshold: torch.Tensor | None = None,
                      next_scales: torch.Tensor | None = None,
                      next_factor: torch.Tensor | None = None,
-                     prefetch_cache: bool = False) -> torch.Tensor:
+                     prefetch_cache: bool = False, splits: int = 1,
+                     workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
@@ -635,6 +660,11 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             prefetched into L2 as each head finishes.
         prefetch_cache: prefetch into L2, before waiting for the previous kernel, the cache
             rows before ``pos`` that the heads will read.
+        splits, workspace: split-KV (decode_ops.h): up to ``splits`` blocks per head, each over
+            a range of at least 256 visible keys, combined by the head's last block;
+            ``workspace`` from :func:`attention_workspace` (needed when ``splits`` > 1, one per
+            launch that may run concurrently). At positions with fewer keys than two ranges the
+            result is bit for bit the unsplit one; beyond, it differs only in rounding.
         The prefetches are hints only: ``out`` and the caches come out the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
@@ -680,14 +710,22 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         nxt = _NextRows(next_w.data_ptr(), next_w.shape[1] * next_w.element_size(),
                         _ptr(next_scales), groups if next_scales is not None else 0,
                         _ptr(next_factor), next_threshold.data_ptr())
+    _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
+    ws_ptr, ws_bytes = None, 0
+    if splits > 1:
+        _check(workspace is not None, "splits > 1 needs workspace=attention_workspace(...)")
+        need = int(load(dev).sparsify_attention_workspace_bytes(n_head, dv, splits))
+        _check_workspace(workspace, need, dev, f"attention over {splits} splits")
+        ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel()
     lib = load(dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.sparsify_attention_decode_ex(
+        rc = lib.sparsify_attention_decode_split(
             qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
             out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
-            ctypes.byref(nxt) if nxt is not None else None, 1 if prefetch_cache else 0, stream)
+            ctypes.byref(nxt) if nxt is not None else None, 1 if prefetch_cache else 0,
+            int(splits), ws_ptr, ws_bytes, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out
 

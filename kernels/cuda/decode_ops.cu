@@ -2,15 +2,19 @@
 //
 // Both kernels are latency-bound, not bandwidth-bound: at batch 1 they move kilobytes to a few
 // megabytes, so what matters is the number of launches and how many loads each thread keeps in
-// flight. Attention therefore runs one 1024-thread block per query head (every multiprocessor a
-// head, no cross-block reduction) with several keys per warp and several values per thread
-// loaded before any is used.
+// flight. Attention therefore runs one 1024-thread block per query head with several keys per
+// warp and several values per thread loaded before any is used. At short contexts that block
+// sees every visible key and needs no cross-block reduction; past a few hundred keys its loops
+// are rounds of L2/DRAM round trips on one multiprocessor per head, so the visible keys are cut
+// into up to `splits` ranges, one block each, whose partial softmax sums the last block of the
+// head to arrive combines (split-KV, as in flash-decoding).
 #include "decode_ops.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 
 namespace {
@@ -24,6 +28,8 @@ constexpr int kValuesPerThread = 4;  // value rows one thread has in flight
 // Partial sums of the value phase: (groups, dv) with groups * dv / 4 = kAttnThreads.
 constexpr int kPartFloats = 4 * kAttnThreads;
 constexpr int kMaxDevices = 64;
+constexpr int kMaxAttnSplits = 64;
+constexpr int kMinSplitKeys = 256;  // a split takes at least this many keys (decode_ops.h)
 
 __device__ __forceinline__ void wait_previous_grid(bool wait = true) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -33,6 +39,24 @@ __device__ __forceinline__ void wait_previous_grid(bool wait = true) {
   if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// atomicInc with acquire-release semantics at device scope (as sparse_gemv.cu's ticket): one
+// thread publishes its block's partial results, ordered before it by a barrier, and as the last
+// arrival observes every other block's.
+__device__ __forceinline__ unsigned atomic_inc_acq_rel(unsigned *p, unsigned wrap) {
+  unsigned old;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(wrap)
+               : "memory");
+#else
+  __threadfence();
+  old = atomicInc(p, wrap);
+  __threadfence();
+#endif
+  return old;
 }
 
 // L2 prefetch of `bytes` bytes from `p` (a hint: no value any load sees changes). One bulk
@@ -126,18 +150,23 @@ struct AttnParams {
   bool next_bulk;      // every prefetched range is 16-byte aligned
   bool prefetch_cache;  // L2 prefetch of the visible cache rows before the wait
   bool wait;           // false only under SPARSIFY_DIAG_NO_WAIT
+  // Split-KV: the grid is splits * n_head blocks, block b takes head b % n_head and key range
+  // b / n_head of the launch's nsplit = min(splits, ceil(visible / min_keys)) ranges.
+  int splits, min_keys;
+  int score_cap;        // floats of the score buffer (>= the longest range a block can get)
+  float *work;          // (n_head, splits, dv + 2) partial sums, maxima, denominators
+  unsigned *counters;   // (n_head,) arrival tickets, zero between launches
 };
 
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
-// L2 the cache rows this head's group will read, positions t0 .. pos - 1, which earlier steps
-// wrote; the rep query heads of a group take a share each.
-__device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos, int h, int g,
-                                                    int rep, int dk, int dv) {
-  if (pos <= 0) return;  // pos < max_len: checked by the caller
-  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
-  const int share = (pos - t0 + rep - 1) / rep;
-  const int r0 = t0 + (h % rep) * share;
-  const int r1 = min(pos, r0 + share);
+// L2 the cache rows this block will read, positions a .. b - 1 (before pos, so earlier steps
+// wrote them); the rep query heads of a group take a share each.
+__device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int a, int b, int h,
+                                                    int g, int rep, int dk, int dv) {
+  if (b <= a) return;
+  const int share = (b - a + rep - 1) / rep;
+  const int r0 = a + (h % rep) * share;
+  const int r1 = min(b, r0 + share);
   if (r1 <= r0) return;
   // 16 KB pieces, one per thread: 16-byte aligned, since dk and dv are multiples of 4
   constexpr unsigned kPiece = 16384;
@@ -170,13 +199,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *qr = k + dk;   // (dk) q after RoPE
   float *kr = qr + dk;  // (dk) new key after RoPE
   float *vn = kr + dk;  // (dv) the new value
-  float *s = vn + dv;   // (max_len rounded up to 4) scores, then softmax numerators
-  float *part = s + ((p.max_len + 3) & ~3);  // (kPartFloats) value-phase partial sums
+  float *s = vn + dv;   // (score_cap rounded up to 4) scores, then softmax numerators
+  float *part = s + ((p.score_cap + 3) & ~3);  // (kPartFloats) value-phase partial sums
   __shared__ float red[32];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = blockIdx.x;
+  const int h = blockIdx.x % p.n_head;
+  const int sp = blockIdx.x / p.n_head;  // key range (split) of this block
   const int rep = p.n_head / p.n_head_kv;
   const int g = h / rep;
   // Read before the wait for the previous kernel: the position, this thread's RoPE table
@@ -187,6 +217,16 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const long long pos64 = *p.pos;
   const bool pos_ok = pos64 >= 0 && pos64 < p.max_len;  // uniform across the block
   const int pos = pos_ok ? static_cast<int>(pos64) : 0;  // below max_len: int arithmetic
+  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window), cut into nsplit ranges
+  // of `chunk` keys; this block takes [ja, jb) of them. Blocks past nsplit have nothing to do
+  // at this position and leave before the wait (exiting counts as their launch trigger).
+  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  const int nt = pos - t0 + 1;
+  const int nsplit = pos_ok ? min(p.splits, (nt + p.min_keys - 1) / p.min_keys) : 1;
+  if (sp >= nsplit) return;
+  const int chunk = (nt + nsplit - 1) / nsplit;
+  const int ja = sp * chunk;  // < nt: min_keys >= splits - 1 (the launcher's clamp)
+  const int jb = min(nt, ja + chunk);
   float rc = 1.0f;
   float rs = 0.0f;
   int rj = tid;
@@ -195,7 +235,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     rs = p.sin_t[static_cast<size_t>(pos) * dk + tid];
     rj = p.perm[tid];
   }
-  if (p.prefetch_cache && pos_ok) prefetch_cache_rows(p, pos, h, g, rep, dk, dv);
+  if (p.prefetch_cache && pos_ok) {
+    prefetch_cache_rows(p, t0 + ja, min(pos, t0 + jb), h, g, rep, dk, dv);
+  }
   wait_previous_grid(p.wait);
 
   float *out = p.out + static_cast<size_t>(h) * dv;
@@ -277,16 +319,15 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   __syncthreads();
   const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
   const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
-  if (h % rep == 0) {  // one block per group writes the cache; no block reads position pos
+  if (h % rep == 0 && sp == 0) {  // one block per group writes the cache; none reads pos back
     float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
     float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
     for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
     for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
   }
 
-  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window).
-  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
-  const int nt = pos - t0 + 1;
+  const int nl = jb - ja;  // this block's keys, t0 + ja .. t0 + jb - 1
+  const int tb = t0 + ja;
   const int ipos = pos;
 
   // Scores: warp w takes keys w*K .. w*K + K - 1 (K = kKeysPerWarp), then the next 32*K; lanes
@@ -295,7 +336,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const float4 *q4 = reinterpret_cast<const float4 *>(qr);
   const float4 *kr4 = reinterpret_cast<const float4 *>(kr);
   const int n4k = dk / 4;
-  for (int j0 = warp * kKeysPerWarp; j0 < nt; j0 += kAttnWarps * kKeysPerWarp) {
+  for (int j0 = warp * kKeysPerWarp; j0 < nl; j0 += kAttnWarps * kKeysPerWarp) {
     float dot[kKeysPerWarp];
 #pragma unroll
     for (int u = 0; u < kKeysPerWarp; ++u) dot[u] = 0.0f;
@@ -304,7 +345,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
       float4 kv[kKeysPerWarp];
 #pragma unroll
       for (int u = 0; u < kKeysPerWarp; ++u) {
-        const int t = t0 + min(j0 + u, nt - 1);
+        const int t = tb + min(j0 + u, nl - 1);
         const float4 *row = (t == ipos) ? kr4
                                         : reinterpret_cast<const float4 *>(
                                               kbase + static_cast<size_t>(t) * dk);
@@ -318,17 +359,17 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
 #pragma unroll
     for (int u = 0; u < kKeysPerWarp; ++u) {
       const float v = warp_sum(dot[u]);
-      if (lane == 0 && j0 + u < nt) s[j0 + u] = v * p.scale;  // the model: (q k^T) * scale
+      if (lane == 0 && j0 + u < nl) s[j0 + u] = v * p.scale;  // the model: (q k^T) * scale
     }
   }
   __syncthreads();
 
   // Softmax numerators in place (each j stays with one thread), then the denominator.
   float m = -INFINITY;
-  for (int j = tid; j < nt; j += kAttnThreads) m = fmaxf(m, s[j]);
+  for (int j = tid; j < nl; j += kAttnThreads) m = fmaxf(m, s[j]);
   m = block_reduce<true, kAttnThreads>(m, red);
   float sum = 0.0f;
-  for (int j = tid; j < nt; j += kAttnThreads) {
+  for (int j = tid; j < nl; j += kAttnThreads) {
     const float e = expf(s[j] - m);
     s[j] = e;
     sum += e;
@@ -343,18 +384,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const float4 *vnew4 = reinterpret_cast<const float4 *>(vn);
   if (grp < groups) {
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int j = grp; j < nt; j += groups * kValuesPerThread) {
+    for (int j = grp; j < nl; j += groups * kValuesPerThread) {
       float4 v[kValuesPerThread];
       float wt[kValuesPerThread];
 #pragma unroll
       for (int u = 0; u < kValuesPerThread; ++u) {
-        const int jj = min(j + u * groups, nt - 1);
-        const int t = t0 + jj;
+        const int jj = min(j + u * groups, nl - 1);
+        const int t = tb + jj;
         const float4 *row = (t == ipos) ? vnew4
                                         : reinterpret_cast<const float4 *>(
                                               vbase + static_cast<size_t>(t) * dv);
         v[u] = row[c];
-        wt[u] = (j + u * groups < nt) ? s[jj] : 0.0f;
+        wt[u] = (j + u * groups < nl) ? s[jj] : 0.0f;
       }
 #pragma unroll
       for (int u = 0; u < kValuesPerThread; ++u) {
@@ -367,10 +408,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     reinterpret_cast<float4 *>(part)[grp * nchunk + c] = acc;
   }
   __syncthreads();
-  for (int i = tid; i < dv; i += kAttnThreads) {
-    float o = 0.0f;
-    for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
-    o /= sum;
+
+  // The head's result o[i], written out; with `next`, the row of the projection that reads it
+  // is prefetched if that projection will keep it.
+  auto finish = [&](int i, float o) {
     out[i] = o;
     if (p.next_w != nullptr) {
       // The next projection keeps input row r = h * dv + i unless score <= t (its own
@@ -386,6 +427,54 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
         }
       }
     }
+  };
+  if (nsplit == 1) {
+    for (int i = tid; i < dv; i += kAttnThreads) {
+      float o = 0.0f;
+      for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
+      finish(i, o / sum);
+    }
+    return;
+  }
+
+  // Split-KV: this block's unnormalised sums, its maximum and its denominator go to the
+  // workspace; the last of the head's nsplit blocks to arrive rescales them to the common
+  // maximum and adds them in split order (deterministic). atomicInc wraps to 0 after
+  // nsplit - 1, so the last arrival leaves the counter reset for the next launch.
+  __shared__ unsigned ticket;
+  __shared__ float wm[kMaxAttnSplits];
+  __shared__ float wl[kMaxAttnSplits];
+  const int row = dv + 2;
+  float *work = p.work + static_cast<size_t>(h) * p.splits * row;
+  for (int i = tid; i < dv; i += kAttnThreads) {
+    float o = 0.0f;
+    for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
+    __stcg(work + static_cast<size_t>(sp) * row + i, o);
+  }
+  if (tid == 0) {
+    __stcg(work + static_cast<size_t>(sp) * row + dv, m);
+    __stcg(work + static_cast<size_t>(sp) * row + dv + 1, sum);
+  }
+  __syncthreads();  // every partial store before thread 0's release
+  if (tid == 0) ticket = atomic_inc_acq_rel(p.counters + h, static_cast<unsigned>(nsplit - 1));
+  __syncthreads();
+  if (ticket != static_cast<unsigned>(nsplit - 1)) return;
+  if (tid < nsplit) {
+    wm[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv);
+    wl[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv + 1);
+  }
+  __syncthreads();
+  float mx = wm[0];
+  for (int b = 1; b < nsplit; ++b) mx = fmaxf(mx, wm[b]);
+  __syncthreads();  // every thread has read wm before it is overwritten with the scale
+  if (tid < nsplit) wm[tid] = expf(wm[tid] - mx);
+  __syncthreads();
+  float den = 0.0f;
+  for (int b = 0; b < nsplit; ++b) den += wl[b] * wm[b];
+  for (int i = tid; i < dv; i += kAttnThreads) {
+    float o = 0.0f;
+    for (int b = 0; b < nsplit; ++b) o += __ldcg(work + static_cast<size_t>(b) * row + i) * wm[b];
+    finish(i, o / den);
   }
 }
 
@@ -452,6 +541,31 @@ cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStre
   return cudaGetLastError();
 }
 
+// Keys a split takes at least: kMinSplitKeys, or SPARSIFY_ATTN_SPLIT_KEYS when set (benchmark
+// A/B); never below splits - 1, so that no block of a launch gets an empty range.
+int min_split_keys(int splits) {
+  const int env = env_int("SPARSIFY_ATTN_SPLIT_KEYS");
+  return std::max(std::max(env > 0 ? env : kMinSplitKeys, splits - 1), 1);
+}
+
+// Scores one block holds: every visible key unsplit, else the longest range a launch can give
+// a block (chunk <= max(min_keys, ceil(max_len / splits))).
+int score_cap(int max_len, int splits, int min_keys) {
+  if (splits <= 1) return max_len;
+  return std::min(max_len, std::max(min_keys, (max_len + splits - 1) / splits));
+}
+
+// q, k, their rotations, the new value, the scores, the value phase's partial sums
+size_t attention_smem_bytes(int dk, int dv, int cap) {
+  return (static_cast<size_t>(4) * dk + dv + ((static_cast<size_t>(cap) + 3) & ~size_t{3}) +
+          kPartFloats) * sizeof(float);
+}
+
+// The workspace: n_head tickets, then the partial rows from the next 16-byte boundary.
+size_t work_offset(int n_head) {
+  return (static_cast<size_t>(n_head) * sizeof(unsigned) + 15) & ~size_t{15};
+}
+
 }  // namespace
 
 extern "C" {
@@ -468,9 +582,13 @@ cudaError_t sparsify_add_rms_norm(float *h, const float *r, const float *post_w,
 }
 
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len) {
-  // q, k, their rotations, the new value, the scores, the value phase's partial sums
-  return (static_cast<size_t>(4) * dk + dv + ((static_cast<size_t>(max_len) + 3) & ~size_t{3}) +
-          kPartFloats) * sizeof(float);
+  return attention_smem_bytes(dk, dv, max_len);
+}
+
+size_t sparsify_attention_workspace_bytes(int n_head, int dv, int splits) {
+  if (n_head < 1 || dv < 1 || splits < 1) return 0;
+  return work_offset(n_head) +
+         static_cast<size_t>(n_head) * splits * (static_cast<size_t>(dv) + 2) * sizeof(float);
 }
 
 cudaError_t sparsify_attention_decode(const float *qkv, float *kc, float *vc, const int64_t *pos,
@@ -505,6 +623,27 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                            int window, float scale, float eps,
                                            const sparsify_next_rows *next, int flags,
                                            cudaStream_t stream) {
+  return sparsify_attention_decode_split(qkv, qkv_parts, qkv_stride, kc, vc, pos, cos_t, sin_t,
+                                         perm, q_norm, k_norm, out, n_head, n_head_kv, dk, dv,
+                                         max_len, window, scale, eps, next, flags, 1, nullptr, 0,
+                                         stream);
+}
+
+cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int qkv_stride,
+                                            float *kc, float *vc, const int64_t *pos,
+                                            const float *cos_t, const float *sin_t,
+                                            const int32_t *perm, const float *q_norm,
+                                            const float *k_norm, float *out, int n_head,
+                                            int n_head_kv, int dk, int dv, int max_len,
+                                            int window, float scale, float eps,
+                                            const sparsify_next_rows *next, int flags,
+                                            int splits, void *workspace, size_t workspace_bytes,
+                                            cudaStream_t stream) {
+  if (splits < 1 || splits > kMaxAttnSplits) return cudaErrorInvalidValue;
+  if (splits > 1 && (workspace == nullptr || !aligned(workspace, 16) ||
+                     workspace_bytes < sparsify_attention_workspace_bytes(n_head, dv, splits))) {
+    return cudaErrorInvalidValue;
+  }
   if (qkv_parts < 1 || (flags & ~SPARSIFY_ATTN_PREFETCH_CACHE) != 0) {
     return cudaErrorInvalidValue;
   }
@@ -536,7 +675,9 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
       !aligned(q_norm, 4) || !aligned(k_norm, 4)) {
     return cudaErrorInvalidValue;
   }
-  const size_t smem = sparsify_attention_smem_bytes(dk, dv, max_len);
+  const int min_keys = min_split_keys(splits);
+  const int cap = score_cap(max_len, splits, min_keys);
+  const size_t smem = attention_smem_bytes(dk, dv, cap);
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -592,7 +733,16 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                              p.next_scale_bytes % 16 == 0));
   p.prefetch_cache = (flags & SPARSIFY_ATTN_PREFETCH_CACHE) != 0;
   p.wait = (env_int("SPARSIFY_DIAG_NO_WAIT") & 4) == 0;
-  return launch(kernel, n_head, kAttnThreads, smem, stream, p);
+  p.splits = splits;
+  p.min_keys = min_keys;
+  p.score_cap = cap;
+  p.counters = static_cast<unsigned *>(workspace);
+  p.work = splits > 1 ? reinterpret_cast<float *>(static_cast<char *>(workspace) +
+                                                   work_offset(n_head))
+                      : nullptr;
+  // Split-major block order: the first n_head blocks (range 0, busy at every position) are
+  // dispatched first; the blocks of ranges a short context does not need leave at once.
+  return launch(kernel, n_head * splits, kAttnThreads, smem, stream, p);
 }
 
 }  // extern "C"

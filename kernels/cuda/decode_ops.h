@@ -42,8 +42,8 @@
  *         h reads kv head h / (n_head / n_head_kv) (grouped-query attention).
  *
  *   Limits: dk and dv multiples of 4, at most 512; n_head a multiple of n_head_kv; the
- *   shared memory (4*dk + dv + max_len + 4096 floats, and 128 static bytes) within the
- *   device's per-block limit. The kernel works out the new key itself in each block of its
+ *   shared memory (4*dk + dv + max_len + 4096 floats, and the kernel's static bytes) within
+ *   the device's per-block limit. The kernel works out the new key itself in each block of its
  *   group and never reads position pos back from the cache, so no block depends on another
  *   within the launch.
  *
@@ -66,6 +66,22 @@
  *   the rows are read ahead of the wait, like pos, and under the same condition.
  *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
  *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
+ *
+ * sparsify_attention_decode_split: sparsify_attention_decode_ex over up to `splits` blocks per
+ *   head (1 to 64; 1 is sparsify_attention_decode_ex). At a position with V visible keys the
+ *   launch cuts them into nsplit = min(splits, ceil(V / M)) consecutive ranges, M = 256 keys
+ *   (SPARSIFY_ATTN_SPLIT_KEYS overrides it at launch time, for benchmarks; never below
+ *   splits - 1), one block per head and range; each block keeps its range's softmax maximum,
+ *   denominator and unnormalised value sum in `workspace`, and the last block of the head to
+ *   arrive rescales them to the common maximum and adds them in range order (deterministic).
+ *   At short contexts (nsplit = 1) the result is bit for bit that of the unsplit launch and the
+ *   other blocks leave at once; past a few hundred keys the work of a head spreads over
+ *   nsplit multiprocessors instead of one. A choice that fills the device without queueing:
+ *   n_head * splits <= its multiprocessor count. The scores of a block take
+ *   min(max_len, max(M, ceil(max_len / splits))) floats of shared memory instead of max_len.
+ *   workspace: sparsify_attention_workspace_bytes(n_head, dv, splits) bytes, 16-byte aligned,
+ *   ZEROED once before the first launch (its tickets reset themselves after each launch);
+ *   launches that may run at the same time need one each. NULL when splits == 1.
  *
  * Head dimensions 64, 128 and 256 (dk == dv) run a kernel compiled for that size, others one
  *   that reads them at run time; both compute the same thing in the same order. Benchmark A/B:
@@ -135,8 +151,23 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                            const sparsify_next_rows *next, int flags,
                                            cudaStream_t stream);
 
-/* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes. */
+cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int qkv_stride,
+                                            float *kc, float *vc, const int64_t *pos,
+                                            const float *cos_t, const float *sin_t,
+                                            const int32_t *perm, const float *q_norm,
+                                            const float *k_norm, float *out, int n_head,
+                                            int n_head_kv, int dk, int dv, int max_len,
+                                            int window, float scale, float eps,
+                                            const sparsify_next_rows *next, int flags,
+                                            int splits, void *workspace, size_t workspace_bytes,
+                                            cudaStream_t stream);
+
+/* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes (unsplit: an
+   upper bound for sparsify_attention_decode_split). */
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);
+
+/* Workspace bytes of sparsify_attention_decode_split (0 for a bad argument). */
+size_t sparsify_attention_workspace_bytes(int n_head, int dv, int splits);
 
 #ifdef __cplusplus
 }
