@@ -31,9 +31,9 @@ attn_output's input before that GEMV starts, and can prefetch into L2 the weight
 will keep (``prefetch=True``, or ``SPARSIFY_CUDA_PREFETCH=1``; off by default: it measured
 slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches the cache rows
 it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
-Past a few hundred visible keys attention splits each head's keys over several blocks (as many
-as fill the device; ``attn_splits=1``, or ``SPARSIFY_CUDA_ATTN_SPLITS=1``, keeps one block per
-head).
+From 512 visible keys on, attention splits each head's keys over several blocks (as many as fill
+the device, ranges of 256 keys at least; ``attn_splits=1``, or ``SPARSIFY_CUDA_ATTN_SPLITS=1``,
+keeps one block per head).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -55,6 +55,7 @@ from .errors import SparsifyError
 
 FORMATS = ("fp16", "bf16", "int8")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+ATTN_SPLIT_KEYS = 256  # visible keys per split-KV range at least (decode_ops.h)
 INT8_GROUP = 128  # outputs per int8 scale: fixed by the CUDA kernel (SPARSIFY_GEMV_INT8_GROUP)
 # GGUF float types: host view dtype, torch dtype of the same bits.
 _FLOAT_FILE_TYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
@@ -152,7 +153,7 @@ class CUDAEngine:
         self.emb = self._tensor("token_embd")
         self._alloc()
         self.weight_aware = False
-        self._graph = None
+        self._graph = self._graph_long = None
         self._counting = False
         # Diagnostic (bench only): GEMVs replaced by fixed zero outputs, to time the glue alone.
         self._skip_gemv: dict[int, torch.Tensor] | None = None
@@ -197,6 +198,9 @@ class CUDAEngine:
         if attn_splits < 1:
             raise ValueError(f"attn_splits must be positive, got {attn_splits}")
         self.attn_splits = int(attn_splits) if self.fused else 1
+        self._attn_now = 1  # the splits of the step being run or captured (see _run)
+        # Keys per split-KV range at least (decode_ops.h; the same setting as the kernel's).
+        self.attn_switch = int(os.environ.get("SPARSIFY_ATTN_SPLIT_KEYS") or ATTN_SPLIT_KEYS)
         self.attn_ws = (self._kc.attention_workspace(cfg.n_head, cfg.head_dim_v,
                                                      self.attn_splits, self.device)
                         if self.attn_splits > 1 else None)
@@ -347,7 +351,7 @@ class CUDAEngine:
         self.thr.copy_(torch.tensor(vals, dtype=torch.float32))
         if bool(weight_aware) != self.weight_aware:
             self.weight_aware = bool(weight_aware)
-            self._graph = None
+            self._graph = self._graph_long = None
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -523,8 +527,8 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            hints = {"prefetch_cache": self.prefetch_cache, "splits": self.attn_splits,
-                     "workspace": self.attn_ws}
+            hints = {"prefetch_cache": self.prefetch_cache, "splits": self._attn_now,
+                     "workspace": self.attn_ws if self._attn_now > 1 else None}
             if self.prefetch and self._skip_gemv is None:
                 hints.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
                              next_factor=o.norms if self.weight_aware else None)
@@ -556,8 +560,11 @@ class CUDAEngine:
         self.tok.copy_(nxt)
         self.pos.add_(1)
 
-    def _capture(self) -> None:
-        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks)."""
+    def _capture(self, long: bool = False) -> None:
+        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks):
+        ``_graph`` with one attention block per head, or with ``long`` ``_graph_long`` with
+        split-KV attention, replayed once there are two ranges of ``attn_switch`` keys."""
+        self._attn_now = self.attn_splits if long else 1
         tok, pos = self.tok.clone(), self.pos.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -570,15 +577,23 @@ class CUDAEngine:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._decode()
-        self._graph = g
+        if long:
+            self._graph_long = g
+        else:
+            self._graph = g
 
     def _run(self) -> None:
         if self.n_pos >= self.max_len:
             raise ValueError(f"the engine's KV cache holds {self.max_len} positions")
+        # Below two ranges' worth of keys the split launch would run one range per head anyway,
+        # and its idle blocks still cost a little: those positions replay the unsplit graph
+        # (the same result bit for bit).
+        long = self.attn_splits > 1 and self.n_pos + 1 >= 2 * self.attn_switch
+        self._attn_now = self.attn_splits if long else 1
         if self.use_graph and not self._counting:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
+            if (self._graph_long if long else self._graph) is None:
+                self._capture(long)
+            (self._graph_long if long else self._graph).replay()
         else:
             self._decode()
         self.n_pos += 1

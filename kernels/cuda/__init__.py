@@ -663,8 +663,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         splits, workspace: split-KV (decode_ops.h): up to ``splits`` blocks per head, each over
             a range of at least 256 visible keys, combined by the head's last block;
             ``workspace`` from :func:`attention_workspace` (needed when ``splits`` > 1, one per
-            launch that may run concurrently). At positions with fewer keys than two ranges the
-            result is bit for bit the unsplit one; beyond, it differs only in rounding.
+            launch that may run concurrently). Below 512 visible keys (one range) the result is
+            bit for bit the unsplit one; beyond, it differs only in rounding.
         The prefetches are hints only: ``out`` and the caches come out the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")

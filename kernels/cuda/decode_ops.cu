@@ -218,14 +218,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const bool pos_ok = pos64 >= 0 && pos64 < p.max_len;  // uniform across the block
   const int pos = pos_ok ? static_cast<int>(pos64) : 0;  // below max_len: int arithmetic
   // Visible keys t0..pos (llama.cpp's window masks pos - t >= window), cut into nsplit ranges
-  // of `chunk` keys; this block takes [ja, jb) of them. Blocks past nsplit have nothing to do
+  // of `chunk` >= min_keys keys; this block takes [ja, jb) of them. Blocks past nsplit have nothing to do
   // at this position and leave before the wait (exiting counts as their launch trigger).
   const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
   const int nt = pos - t0 + 1;
-  const int nsplit = pos_ok ? min(p.splits, (nt + p.min_keys - 1) / p.min_keys) : 1;
+  const int nsplit = pos_ok ? max(1, min(p.splits, nt / p.min_keys)) : 1;
   if (sp >= nsplit) return;
   const int chunk = (nt + nsplit - 1) / nsplit;
-  const int ja = sp * chunk;  // < nt: min_keys >= splits - 1 (the launcher's clamp)
+  const int ja = sp * chunk;  // < nt: nt / nsplit >= min_keys >= splits (the launcher's clamp)
   const int jb = min(nt, ja + chunk);
   float rc = 1.0f;
   float rs = 0.0f;
@@ -541,18 +541,19 @@ cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStre
   return cudaGetLastError();
 }
 
-// Keys a split takes at least: kMinSplitKeys, or SPARSIFY_ATTN_SPLIT_KEYS when set (benchmark
-// A/B); never below splits - 1, so that no block of a launch gets an empty range.
+// Keys a range takes at least: kMinSplitKeys, or SPARSIFY_ATTN_SPLIT_KEYS when set (benchmark
+// A/B); never below splits, so that no block of a launch gets an empty range.
 int min_split_keys(int splits) {
   const int env = env_int("SPARSIFY_ATTN_SPLIT_KEYS");
-  return std::max(std::max(env > 0 ? env : kMinSplitKeys, splits - 1), 1);
+  return std::max(env > 0 ? env : kMinSplitKeys, splits);
 }
 
 // Scores one block holds: every visible key unsplit, else the longest range a launch can give
-// a block (chunk <= max(min_keys, ceil(max_len / splits))).
+// a block: V < 2 * min_keys keys in one range, ceil(V / nsplit) < 1.5 * min_keys + 1 for
+// nsplit = floor(V / min_keys) < splits ranges, ceil(max_len / splits) at the most ranges.
 int score_cap(int max_len, int splits, int min_keys) {
   if (splits <= 1) return max_len;
-  return std::min(max_len, std::max(min_keys, (max_len + splits - 1) / splits));
+  return std::min(max_len, std::max(2 * min_keys - 1, (max_len + splits - 1) / splits));
 }
 
 // q, k, their rotations, the new value, the scores, the value phase's partial sums

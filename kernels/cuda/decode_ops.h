@@ -69,16 +69,16 @@
  *
  * sparsify_attention_decode_split: sparsify_attention_decode_ex over up to `splits` blocks per
  *   head (1 to 64; 1 is sparsify_attention_decode_ex). At a position with V visible keys the
- *   launch cuts them into nsplit = min(splits, ceil(V / M)) consecutive ranges, M = 256 keys
- *   (SPARSIFY_ATTN_SPLIT_KEYS overrides it at launch time, for benchmarks; never below
- *   splits - 1), one block per head and range; each block keeps its range's softmax maximum,
- *   denominator and unnormalised value sum in `workspace`, and the last block of the head to
- *   arrive rescales them to the common maximum and adds them in range order (deterministic).
- *   At short contexts (nsplit = 1) the result is bit for bit that of the unsplit launch and the
- *   other blocks leave at once; past a few hundred keys the work of a head spreads over
- *   nsplit multiprocessors instead of one. A choice that fills the device without queueing:
- *   n_head * splits <= its multiprocessor count. The scores of a block take
- *   min(max_len, max(M, ceil(max_len / splits))) floats of shared memory instead of max_len.
+ *   launch cuts them into nsplit = max(1, min(splits, floor(V / M))) consecutive ranges of at
+ *   least M keys, M = 256 (SPARSIFY_ATTN_SPLIT_KEYS overrides it at launch time, for
+ *   benchmarks; never below splits), one block per head and range; each block keeps its
+ *   range's softmax maximum, denominator and unnormalised value sum in `workspace`, and the
+ *   last block of the head to arrive rescales them to the common maximum and adds them in
+ *   range order (deterministic). Below 2 * M keys (nsplit = 1) the result is bit for bit that
+ *   of the unsplit launch and the other blocks leave at once; beyond, the work of a head
+ *   spreads over nsplit multiprocessors instead of one. A choice that fills the device without
+ *   queueing: n_head * splits <= its multiprocessor count. A block's scores take
+ *   min(max_len, max(2M - 1, ceil(max_len / splits))) floats of shared memory, not max_len.
  *   workspace: sparsify_attention_workspace_bytes(n_head, dv, splits) bytes, 16-byte aligned,
  *   ZEROED once before the first launch (its tickets reset themselves after each launch);
  *   launches that may run at the same time need one each. NULL when splits == 1.
