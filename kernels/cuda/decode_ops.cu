@@ -159,11 +159,10 @@ struct AttnParams {
 };
 
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
-// L2 the cache rows this block will read, positions a .. b - 1 (before pos, so earlier steps
+// L2 the cache rows this block will read, positions a .. b - 1 (a <= b <= pos: earlier steps
 // wrote them); the rep query heads of a group take a share each.
-__device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int a, int b, int h,
-                                                    int g, int rep, int dk, int dv) {
-  if (b <= a) return;
+__device__ __forceinline__ void prefetch_cache_range(const AttnParams &p, int a, int b, int h,
+                                                     int g, int rep, int dk, int dv) {
   const int share = (b - a + rep - 1) / rep;
   const int r0 = a + (h % rep) * share;
   const int r1 = min(b, r0 + share);
@@ -185,10 +184,20 @@ __device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int a, 
   }
 }
 
+// The same for a block that reads every visible key, t0 .. pos - 1.
+__device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos, int h, int g,
+                                                    int rep, int dk, int dv) {
+  if (pos <= 0) return;  // pos < max_len: checked by the caller
+  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  prefetch_cache_range(p, t0, pos, h, g, rep, dk, dv);
+}
+
 // DK, DV > 0: the head dimensions as compile-time constants (the launcher picks these for the
 // common shapes), so that every index, loop bound and group count below folds into the code;
-// 0: read from p. The arithmetic is the same either way.
-template <int DK, int DV>
+// 0: read from p. The arithmetic is the same either way. SPLIT: the split-KV kernel (a grid of
+// p.splits blocks per head); without it one block per head sees every visible key, and the code
+// below is exactly that of the kernel before split-KV existed.
+template <int DK, int DV, bool SPLIT>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
   extern __shared__ float4 smem4[];
   float *sm = reinterpret_cast<float *>(smem4);
@@ -200,13 +209,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *kr = qr + dk;  // (dk) new key after RoPE
   float *vn = kr + dk;  // (dv) the new value
   float *s = vn + dv;   // (score_cap rounded up to 4) scores, then softmax numerators
-  float *part = s + ((p.score_cap + 3) & ~3);  // (kPartFloats) value-phase partial sums
+  // (kPartFloats) value-phase partial sums
+  float *part = s + (((SPLIT ? p.score_cap : p.max_len) + 3) & ~3);
   __shared__ float red[32];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int h = blockIdx.x % p.n_head;
-  const int sp = blockIdx.x / p.n_head;  // key range (split) of this block
+  const int h = SPLIT ? blockIdx.x % p.n_head : blockIdx.x;
+  const int sp = SPLIT ? blockIdx.x / p.n_head : 0;  // key range (split) of this block
   const int rep = p.n_head / p.n_head_kv;
   const int g = h / rep;
   // Read before the wait for the previous kernel: the position, this thread's RoPE table
@@ -217,16 +227,20 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const long long pos64 = *p.pos;
   const bool pos_ok = pos64 >= 0 && pos64 < p.max_len;  // uniform across the block
   const int pos = pos_ok ? static_cast<int>(pos64) : 0;  // below max_len: int arithmetic
-  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window), cut into nsplit ranges
-  // of `chunk` >= min_keys keys; this block takes [ja, jb) of them. Blocks past nsplit have nothing to do
-  // at this position and leave before the wait (exiting counts as their launch trigger).
-  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
-  const int nt = pos - t0 + 1;
-  const int nsplit = pos_ok ? max(1, min(p.splits, nt / p.min_keys)) : 1;
-  if (sp >= nsplit) return;
-  const int chunk = (nt + nsplit - 1) / nsplit;
-  const int ja = sp * chunk;  // < nt: nt / nsplit >= min_keys >= splits (the launcher's clamp)
-  const int jb = min(nt, ja + chunk);
+  // Visible keys t0..pos (llama.cpp's window masks pos - t >= window). SPLIT: they are cut
+  // into nsplit ranges of `chunk` >= min_keys keys, and this block takes [ja, jb) of them;
+  // blocks past nsplit have nothing to do at this position and leave before the wait (exiting
+  // counts as their launch trigger). Without SPLIT they are worked out after the wait.
+  int t0 = 0, nt = 0, nsplit = 1, ja = 0, jb = 0;
+  if constexpr (SPLIT) {
+    t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+    nt = pos - t0 + 1;
+    nsplit = pos_ok ? max(1, min(p.splits, nt / p.min_keys)) : 1;
+    if (sp >= nsplit) return;
+    const int chunk = (nt + nsplit - 1) / nsplit;
+    ja = sp * chunk;  // < nt: nt / nsplit >= min_keys >= splits (the launcher's clamp)
+    jb = min(nt, ja + chunk);
+  }
   float rc = 1.0f;
   float rs = 0.0f;
   int rj = tid;
@@ -235,8 +249,14 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     rs = p.sin_t[static_cast<size_t>(pos) * dk + tid];
     rj = p.perm[tid];
   }
-  if (p.prefetch_cache && pos_ok) {
-    prefetch_cache_rows(p, t0 + ja, min(pos, t0 + jb), h, g, rep, dk, dv);
+  if constexpr (SPLIT) {
+    if (p.prefetch_cache && pos_ok) {
+      const int a = t0 + ja;
+      const int b = min(pos, t0 + jb);
+      if (b > a) prefetch_cache_range(p, a, b, h, g, rep, dk, dv);
+    }
+  } else {
+    if (p.prefetch_cache && pos_ok) prefetch_cache_rows(p, pos, h, g, rep, dk, dv);
   }
   wait_previous_grid(p.wait);
 
@@ -319,13 +339,18 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   __syncthreads();
   const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
   const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
-  if (h % rep == 0 && sp == 0) {  // one block per group writes the cache; none reads pos back
+  if (h % rep == 0 && sp == 0) {  // one block per group writes the cache; none reads pos
     float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
     float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
     for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
     for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
   }
 
+  if constexpr (!SPLIT) {
+    t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+    nt = pos - t0 + 1;
+    jb = nt;
+  }
   const int nl = jb - ja;  // this block's keys, t0 + ja .. t0 + jb - 1
   const int tb = t0 + ja;
   const int ipos = pos;
@@ -428,7 +453,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
       }
     }
   };
-  if (nsplit == 1) {
+  if (!SPLIT || nsplit == 1) {
     for (int i = tid; i < dv; i += kAttnThreads) {
       float o = 0.0f;
       for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
@@ -437,44 +462,46 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     return;
   }
 
-  // Split-KV: this block's unnormalised sums, its maximum and its denominator go to the
-  // workspace; the last of the head's nsplit blocks to arrive rescales them to the common
-  // maximum and adds them in split order (deterministic). atomicInc wraps to 0 after
-  // nsplit - 1, so the last arrival leaves the counter reset for the next launch.
-  __shared__ unsigned ticket;
-  __shared__ float wm[kMaxAttnSplits];
-  __shared__ float wl[kMaxAttnSplits];
-  const int row = dv + 2;
-  float *work = p.work + static_cast<size_t>(h) * p.splits * row;
-  for (int i = tid; i < dv; i += kAttnThreads) {
-    float o = 0.0f;
-    for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
-    __stcg(work + static_cast<size_t>(sp) * row + i, o);
-  }
-  if (tid == 0) {
-    __stcg(work + static_cast<size_t>(sp) * row + dv, m);
-    __stcg(work + static_cast<size_t>(sp) * row + dv + 1, sum);
-  }
-  __syncthreads();  // every partial store before thread 0's release
-  if (tid == 0) ticket = atomic_inc_acq_rel(p.counters + h, static_cast<unsigned>(nsplit - 1));
-  __syncthreads();
-  if (ticket != static_cast<unsigned>(nsplit - 1)) return;
-  if (tid < nsplit) {
-    wm[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv);
-    wl[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv + 1);
-  }
-  __syncthreads();
-  float mx = wm[0];
-  for (int b = 1; b < nsplit; ++b) mx = fmaxf(mx, wm[b]);
-  __syncthreads();  // every thread has read wm before it is overwritten with the scale
-  if (tid < nsplit) wm[tid] = expf(wm[tid] - mx);
-  __syncthreads();
-  float den = 0.0f;
-  for (int b = 0; b < nsplit; ++b) den += wl[b] * wm[b];
-  for (int i = tid; i < dv; i += kAttnThreads) {
-    float o = 0.0f;
-    for (int b = 0; b < nsplit; ++b) o += __ldcg(work + static_cast<size_t>(b) * row + i) * wm[b];
-    finish(i, o / den);
+  if constexpr (SPLIT) {
+    // Split-KV: this block's unnormalised sums, its maximum and its denominator go to the
+    // workspace; the last of the head's nsplit blocks to arrive rescales them to the common
+    // maximum and adds them in split order (deterministic). atomicInc wraps to 0 after
+    // nsplit - 1, so the last arrival leaves the counter reset for the next launch.
+    __shared__ unsigned ticket;
+    __shared__ float wm[kMaxAttnSplits];
+    __shared__ float wl[kMaxAttnSplits];
+    const int row = dv + 2;
+    float *work = p.work + static_cast<size_t>(h) * p.splits * row;
+    for (int i = tid; i < dv; i += kAttnThreads) {
+      float o = 0.0f;
+      for (int gg = 0; gg < groups; ++gg) o += part[gg * dv + i];
+      __stcg(work + static_cast<size_t>(sp) * row + i, o);
+    }
+    if (tid == 0) {
+      __stcg(work + static_cast<size_t>(sp) * row + dv, m);
+      __stcg(work + static_cast<size_t>(sp) * row + dv + 1, sum);
+    }
+    __syncthreads();  // every partial store before thread 0's release
+    if (tid == 0) ticket = atomic_inc_acq_rel(p.counters + h, static_cast<unsigned>(nsplit - 1));
+    __syncthreads();
+    if (ticket != static_cast<unsigned>(nsplit - 1)) return;
+    if (tid < nsplit) {
+      wm[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv);
+      wl[tid] = __ldcg(work + static_cast<size_t>(tid) * row + dv + 1);
+    }
+    __syncthreads();
+    float mx = wm[0];
+    for (int b = 1; b < nsplit; ++b) mx = fmaxf(mx, wm[b]);
+    __syncthreads();  // every thread has read wm before it is overwritten with the scale
+    if (tid < nsplit) wm[tid] = expf(wm[tid] - mx);
+    __syncthreads();
+    float den = 0.0f;
+    for (int b = 0; b < nsplit; ++b) den += wl[b] * wm[b];
+    for (int i = tid; i < dv; i += kAttnThreads) {
+      float o = 0.0f;
+      for (int b = 0; b < nsplit; ++b) o += __ldcg(work + static_cast<size_t>(b) * row + i) * wm[b];
+      finish(i, o / den);
+    }
   }
 }
 
@@ -493,16 +520,17 @@ int env_int(const char *name) {
 
 using AttnKernel = void (*)(AttnParams);
 
+template <bool SPLIT>
 AttnKernel attention_kernel_for(int dk, int dv) {
   if (env_int("SPARSIFY_ATTN_GENERIC") == 0 && dk == dv) {
     switch (dk) {
-      case 64: return attention_kernel<64, 64>;
-      case 128: return attention_kernel<128, 128>;
-      case 256: return attention_kernel<256, 256>;
+      case 64: return attention_kernel<64, 64, SPLIT>;
+      case 128: return attention_kernel<128, 128, SPLIT>;
+      case 256: return attention_kernel<256, 256, SPLIT>;
       default: break;
     }
   }
-  return attention_kernel<0, 0>;
+  return attention_kernel<0, 0, SPLIT>;
 }
 
 cudaError_t device_major(int *major) {
@@ -686,7 +714,8 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
   err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   // The per-block limit covers the kernel's static shared memory too.
-  const AttnKernel kernel = attention_kernel_for(dk, dv);
+  const AttnKernel kernel =
+      splits > 1 ? attention_kernel_for<true>(dk, dv) : attention_kernel_for<false>(dk, dv);
   cudaFuncAttributes fa;
   err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return err;
