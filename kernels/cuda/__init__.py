@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "sparse_gemv.cu"
 HEADER = HERE / "sparse_gemv.h"
 SOURCES = (SOURCE, HERE / "decode_ops.cu")
-HEADERS = (HEADER, HERE / "decode_ops.h")
+HEADERS = (HEADER, HERE / "decode_ops.h", HERE / "common.cuh")
 MAX_SEGMENTS = 3
 """Segments per grouped GEMV launch (SPARSIFY_GEMV_MAX_SEGMENTS)."""
 ACTS = {"silu": 1, "gelu_tanh": 2}

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <atomic>
 
+#include "common.cuh"
+
 namespace {
 
 constexpr int kNormThreads = 1024;
@@ -39,24 +41,6 @@ __device__ __forceinline__ void wait_previous_grid(bool wait = true) {
   if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-
-// atomicInc with acquire-release semantics at device scope (as sparse_gemv.cu's ticket): one
-// thread publishes its block's partial results, ordered before it by a barrier, and as the last
-// arrival observes every other block's.
-__device__ __forceinline__ unsigned atomic_inc_acq_rel(unsigned *p, unsigned wrap) {
-  unsigned old;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(p), "r"(wrap)
-               : "memory");
-#else
-  __threadfence();
-  old = atomicInc(p, wrap);
-  __threadfence();
-#endif
-  return old;
 }
 
 // L2 prefetch of `bytes` bytes from `p` (a hint: no value any load sees changes). One bulk
@@ -507,16 +491,11 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
 
 bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr) % b == 0; }
 
-// A launch-time integer setting from the environment (0 when unset or empty), as sparse_gemv.cu
-// reads its own; each .cu compiles on its own, so each has its copy. Read here:
-// SPARSIFY_DIAG_NO_WAIT (timing diagnostic, see sparse_gemv.h), whose bit 4 makes attention skip
-// the wait for the kernel before it, and SPARSIFY_ATTN_GENERIC (benchmark A/B, see
-// decode_ops.h), nonzero for attention with the head dimensions read at run time, also where a
-// kernel specialised to them exists.
-int env_int(const char *name) {
-  const char *v = getenv(name);
-  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
-}
+// Launch-time settings read here through env_int (common.cuh): SPARSIFY_DIAG_NO_WAIT (timing
+// diagnostic, see sparse_gemv.h), whose bit 4 makes attention skip the wait for the kernel
+// before it; SPARSIFY_ATTN_GENERIC (benchmark A/B, see decode_ops.h), nonzero for attention with
+// the head dimensions read at run time, also where a kernel specialised to them exists; and
+// SPARSIFY_ATTN_SPLIT_KEYS (benchmark A/B), the keys per split-KV range.
 
 using AttnKernel = void (*)(AttnParams);
 

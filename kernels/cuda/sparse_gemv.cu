@@ -31,6 +31,8 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "common.cuh"
+
 namespace cg = cooperative_groups;
 
 namespace {
@@ -125,24 +127,6 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #endif
-}
-
-// atomicInc with acquire-release semantics at device scope: one thread publishes its block's
-// earlier writes (ordered before it by a barrier) and, as the last arrival, observes every other
-// block's, without a full sequentially consistent fence in every thread.
-__device__ __forceinline__ unsigned atomic_inc_acq_rel(unsigned *p, unsigned wrap) {
-  unsigned old;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  asm volatile("atom.acq_rel.gpu.global.inc.u32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(p), "r"(wrap)
-               : "memory");
-#else
-  __threadfence();
-  old = atomicInc(p, wrap);
-  __threadfence();
-#endif
-  return old;
 }
 
 // Four int8 in one word to float: put the offset-binary byte under the exponent of 2^23 and
@@ -919,12 +903,6 @@ struct Args {
   bool any_fit;    // balanced splits even if their clusters are not all resident at once
   bool bare_cluster;  // launch in the clusters of balanced splits without balancing (timing)
 };
-
-// An integer benchmark setting from the environment, read at each launch (0 when unset).
-int env_int(const char *name) {
-  const char *v = getenv(name);
-  return (v != nullptr && *v != '\0') ? atoi(v) : 0;
-}
 
 // Blocks per cluster for balanced splits: the largest divisor of `splits` up to the portable
 // cluster size, as the cluster must tile the grid's split dimension; 1 = no balancing.
