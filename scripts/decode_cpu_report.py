@@ -19,7 +19,12 @@ def main() -> None:
              ("Written by `scripts/decode_cpu_report.py` from the `sparsify bench --device cpu` "
              "records beside this file. `ideal` is dense bytes / bytes read per token at that "
              "level (the output head stays dense); `of ideal` is speedup / ideal; llama.cpp is "
-             "its dense decode of the same file with the same thread count, in the same run."), "",
+             "its dense decode of the same file with the same thread count, in the same run. "
+             "*after N tokens of context*: decode after an N-token prompt of built-in text "
+             "(`sparsify bench --context N`), the other records after a one-line prompt; "
+             "the attention note of a long-context record says how its heads ran (records "
+             "without one come from code that ran them one after another at every length)."),
+             "",
              ("| model | device | format | threads | sparsity | tok/s (median ± IQR) | speedup | "
              "ideal | of ideal | MB/token | GB/s | llama.cpp tok/s |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -28,6 +33,9 @@ def main() -> None:
         lc = rec.get("llama_cpp")
         llama = f"{lc['tok_s']['median']:.1f}" if isinstance(lc, dict) else "-"
         synth = " (synthetic)" if rec.get("synthetic") else ""
+        if rec.get("prompt") is None and rec.get("context"):
+            synth += (f", after {rec['context']} tokens of context, attention "
+                      f"{rec.get('attention', 'heads in series')}")
         for r in rec["levels"]:
             sp = r.get("speedup")
             lines.append(

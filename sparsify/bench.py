@@ -161,7 +161,7 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
               threads: int | None, context: int | None = None) -> dict:
     import numba
 
-    from .engine_cpu import FORMATS, CPUEngine
+    from .engine_cpu import FORMATS, PARALLEL_KEYS, CPUEngine
 
     if fmt not in FORMATS:
         raise SparsifyError(f"--format {fmt} is not available on cpu (choose {', '.join(FORMATS)})")
@@ -211,6 +211,7 @@ def bench_cpu(loaded, table, levels: list[float], fmt: str, tokens: int, repeats
         "architecture": loaded.cfg.arch, "synthetic": is_synthetic(loaded), "format": fmt,
         "tokens": tokens, "repeats": repeats, "prompt": BENCH_PROMPT if not context else None,
         "context": len(ids),
+        "attention": f"heads in parallel from {PARALLEL_KEYS} visible keys",
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "levels": rows,

@@ -68,37 +68,60 @@ def rope_into(x, cos, sin, neox):
 _ATTN_FAST = {"contract", "reassoc"}
 
 
+# From this many visible keys on, attention runs its heads in parallel: below it a parallel
+# region's start costs more than a head's work.
+PARALLEL_KEYS = 256
+
+
 @njit(cache=True, fastmath=_ATTN_FAST)
+def _attend_head(q, kc, vc, h, g, lo, pos, scale, scores, out):
+    """Query head h (kv head g) over keys lo..pos into out[h]; scores (L,) its scratch row."""
+    m = -np.inf
+    for j in range(lo, pos + 1):
+        s = np.float32(0.0)
+        for d in range(q.shape[1]):
+            s += q[h, d] * kc[g, j, d]
+        s *= scale
+        scores[j] = s
+        m = max(m, s)
+    tot = np.float32(0.0)
+    for j in range(lo, pos + 1):
+        e = np.float32(math.exp(scores[j] - m))
+        scores[j] = e
+        tot += e
+    for d in range(out.shape[1]):
+        out[h, d] = 0.0
+    for j in range(lo, pos + 1):
+        p = scores[j] / tot
+        for d in range(out.shape[1]):
+            out[h, d] += p * vc[g, j, d]
+
+
+@njit(cache=True)
 def attend_into(q, kc, vc, pos, window, scale, scores, out):
     """One query position over the cache. q (H, Dk); kc (Hkv, L, Dk); vc (Hkv, L, Dv);
     keys 0..pos are valid (those within ``window`` of pos when window > 0); out (H, Dv);
-    scores (L,) scratch. Grouped-query: head h reads kv head h // (H / Hkv)."""
+    scores (H, L) scratch. Grouped-query: head h reads kv head h // (H / Hkv)."""
     n_head = q.shape[0]
     rep = n_head // kc.shape[0]
     lo = 0
     if window > 0:
         lo = max(0, pos - window + 1)
     for h in range(n_head):
-        g = h // rep
-        m = -np.inf
-        for j in range(lo, pos + 1):
-            s = np.float32(0.0)
-            for d in range(q.shape[1]):
-                s += q[h, d] * kc[g, j, d]
-            s *= scale
-            scores[j] = s
-            m = max(m, s)
-        tot = np.float32(0.0)
-        for j in range(lo, pos + 1):
-            e = np.float32(math.exp(scores[j] - m))
-            scores[j] = e
-            tot += e
-        for d in range(out.shape[1]):
-            out[h, d] = 0.0
-        for j in range(lo, pos + 1):
-            p = scores[j] / tot
-            for d in range(out.shape[1]):
-                out[h, d] += p * vc[g, j, d]
+        _attend_head(q, kc, vc, h, h // rep, lo, pos, scale, scores[h], out)
+
+
+@njit(cache=True, parallel=True)
+def attend_parallel_into(q, kc, vc, pos, window, scale, scores, out):
+    """attend_into with the heads spread over numba's threads (the same arithmetic per head,
+    so the same result bit for bit)."""
+    n_head = q.shape[0]
+    rep = n_head // kc.shape[0]
+    lo = 0
+    if window > 0:
+        lo = max(0, pos - window + 1)
+    for h in numba.prange(n_head):
+        _attend_head(q, kc, vc, h, h // rep, lo, pos, scale, scores[h], out)
 
 
 @njit(cache=True)
@@ -201,7 +224,7 @@ class CPUEngine:
         self.u = np.zeros(c.d_ff, f)
         self.mid = np.zeros(c.d_ff, f)
         self.logits = np.zeros(c.vocab_size, f)
-        self.scores = np.zeros(self.max_len, f)
+        self.scores = np.zeros((c.n_head, self.max_len), f)
         self.rows = np.zeros(max(c.d_model, c.d_ff, c.n_head * c.head_dim_v), np.int32)
         self.kc = [np.zeros((c.n_head_kv, self.max_len, c.head_dim), f) for _ in range(c.n_layer)]
         self.vc = [np.zeros((c.n_head_kv, self.max_len, c.head_dim_v), f)
@@ -310,7 +333,9 @@ class CPUEngine:
             rope_into(k, cos[pos], sin[pos], neox)
             kc[:, pos] = k
             vc[:, pos] = v
-            attend_into(q, kc, vc, pos, window, scale, self.scores, self.att)
+            keys = pos + 1 if window <= 0 else min(pos + 1, window)
+            attend = attend_parallel_into if keys >= PARALLEL_KEYS else attend_into
+            attend(q, kc, vc, pos, window, scale, self.scores, self.att)
             proj(po, attf, o0)
             if c.post_norms:
                 rms_norm_into(self.o, n_post_attn, eps, self.o)

@@ -102,3 +102,24 @@ def test_sparse_decode_follows_masked_torch(name, loaded, torch_model, engines):
         model.projector = old
     # About half the block weight rows were skipped at level 0.5.
     assert eng.rows_read < 0.8 * sum(p.k for p in eng.projs.values()) * eng.pos
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_long_context_attention_runs_heads_in_parallel(name, loaded, torch_model, monkeypatch):
+    """From PARALLEL_KEYS visible keys on, attention runs its heads on numba's threads: the
+    logits are bit for bit those of the serial loop, and match the torch model after a prompt
+    past that length."""
+    import sparsify.engine_cpu as E
+    from sparsify.bench import bench_prompt_ids
+
+    ids = bench_prompt_ids(loaded(name).tokenizer, E.PARALLEL_KEYS + 12)
+    eng = CPUEngine(loaded(name).model(), fmt="fp32", max_len=len(ids) + 4)
+    eng.set_thresholds(None)
+    parallel = eng.prefill(ids).copy()
+    monkeypatch.setattr(E, "PARALLEL_KEYS", 1 << 30)
+    serial = eng.prefill(ids).copy()
+    assert np.array_equal(parallel, serial)
+    with torch.inference_mode():
+        ref = torch_model(name).forward(torch.tensor([ids]))[0, -1].numpy()
+    # float32 in both, other summation orders: ~1e-6 of the logit scale; a wrong head is ~1.
+    assert np.abs(parallel - ref).max() <= 1e-4 * np.abs(ref).max()
