@@ -135,7 +135,7 @@ struct AttnParams {
   bool prefetch_cache;  // L2 prefetch of the visible cache rows before the wait
   bool wait;           // false only under SPARSIFY_DIAG_NO_WAIT
   // Split-KV: the grid is splits * n_head blocks, block b takes head b % n_head and key range
-  // b / n_head of the launch's nsplit = min(splits, ceil(visible / min_keys)) ranges.
+  // b / n_head of the launch's nsplit = max(1, min(splits, floor(visible / min_keys))) ranges.
   int splits, min_keys;
   int score_cap;        // floats of the score buffer (>= the longest range a block can get)
   float *work;          // (n_head, splits, dv + 2) partial sums, maxima, denominators
