@@ -5,12 +5,14 @@
 
 ``run`` times ``sparsify_attention_decode_split`` at Llama-3-8B's attention shape (32 query and
 8 key/value heads of 128, float32 cache) for positions from 64 to 16383 keys, once with
-``splits = 1`` (every head on one 1024-thread block) and once with the engine's choice
-(``attention_splits``: as many ranges per head as fill the multiprocessors). Each timing is a
-CUDA-graph replay of 32 launches, one per layer, each over its own cache and q/k/v rows, so the
-caches together exceed L2 as they do in a decode step, divided by 32. It first checks both
-settings against each other at every position (the same output within float32 rounding). The
-record holds the device, versions, shapes, and the bytes of cache each launch reads.
+``splits = 1`` (every head on one 1024-thread block), once split per query head
+(``attention_splits(n_head)``: as many ranges per head as fill the multiprocessors) and once
+split per key/value head with the group's query heads in one block (``group_heads``, ranges
+from ``attention_splits(n_head_kv)``; the engine's choice). Each timing is a CUDA-graph replay of
+32 launches, one per layer, each over its own cache and q/k/v rows, so the caches together
+exceed L2 as they do in a decode step, divided by 32. It first checks every setting against the
+first at every position (the same output within float32 rounding). The record holds the device,
+versions, shapes, and the bytes of cache each launch reads.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int]) -> dict:
+def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
+        grouped_pairs: tuple[int, ...] = ()) -> dict:
     import torch
     from sparsify_kernels import cuda as kc
 
@@ -51,23 +54,37 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int]) 
     pos = torch.zeros(1, dtype=torch.int64, device=dev)
     outs = torch.zeros(LAYERS, n_head * dim, device=dev)
     best = kc.attention_splits(n_head, dev)
-    work = kc.attention_workspace(n_head, dim, best, dev) if best > 1 else None
     settings = {"one block per head": 1, "split-KV": best}
+    grouped, envs = set(), {}
+    if n_head // n_head_kv <= kc.MAX_GROUP_HEADS:
+        per_group = kc.attention_splits(n_head_kv, dev)
+        settings["split-KV, heads grouped"] = per_group
+        grouped.add("split-KV, heads grouped")
+        for pairs in grouped_pairs:  # A/B: another count of query-key pairs per block
+            name = f"split-KV, heads grouped, {pairs} pairs a block"
+            settings[name] = per_group
+            grouped.add(name)
+            envs[name] = {"SPARSIFY_ATTN_SPLIT_KEYS": str(pairs)}
+    work = kc.attention_workspace(n_head, dim, max(settings.values()), dev)
 
-    def step(splits: int) -> None:
+    def step(splits: int, group: bool) -> None:
         for i in range(LAYERS):
             kc.attention_decode(qkv[i], kcache[i], vcache[i], pos, cos, sin, perm, outs[i],
                                 n_head=n_head, scale=1.0 / math.sqrt(dim), prefetch_cache=True,
-                                splits=splits, workspace=work if splits > 1 else None)
+                                splits=splits, workspace=work if splits > 1 else None,
+                                group_heads=group)
 
     graphs = {}
     for name, splits in settings.items():
-        step(splits)
+        os.environ.update(envs.get(name, {}))  # read by the launches, so fixed in the capture
+        step(splits, name in grouped)
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
-            step(splits)
+            step(splits, name in grouped)
         graphs[name] = gr
+        for k in envs.get(name, {}):
+            del os.environ[k]
     rows = []
     for p in positions:
         pos.fill_(p)
@@ -76,10 +93,13 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int]) 
             gr.replay()
             torch.cuda.synchronize()
             res[name] = outs.clone()
-        a, b = res.values()
-        err = float((a - b).abs().max() / b.abs().max())
-        if not err < 1e-5:
-            raise SystemExit(f"split-KV differs from one block per head at pos {p}: {err:.2e}")
+        base = next(iter(res.values()))
+        err = 0.0
+        for name, o in list(res.items())[1:]:
+            e = float((o - base).abs().max() / base.abs().max())
+            if not e < 1e-5:
+                raise SystemExit(f"{name} differs from one block per head at pos {p}: {e:.2e}")
+            err = max(err, e)
         row = {"pos": p, "keys": p + 1, "max_rel_diff": err,
                "cache_bytes_per_launch": 2 * n_head_kv * (p + 1) * dim * 4}
         for name, gr in graphs.items():
@@ -107,8 +127,8 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int]) 
         "nvcc": kc.nvcc_version(nvcc).splitlines()[-1] if nvcc else None,
         "shape": {"n_head": n_head, "n_head_kv": n_head_kv, "head_dim": dim,
                   "cache": "float32", "qkv_rows": 22, "layers_per_graph": LAYERS},
-        "settings": settings,
-        "split_keys": os.environ.get("SPARSIFY_ATTN_SPLIT_KEYS") or 256,
+        "settings": settings, "grouped": sorted(grouped), "environment": envs,
+        "split_pairs": os.environ.get("SPARSIFY_ATTN_SPLIT_KEYS") or 256,
         "method": (f"CUDA graph of {LAYERS} launches over {LAYERS} caches, {REPLAYS} replays "
                    "x 5, median per launch; cache-row L2 prefetch on, as in the decode step"),
         "rows": rows,
@@ -128,7 +148,8 @@ def plot(rec: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = [r["keys"] for r in rec["rows"]]
     for name, splits in rec["settings"].items():
-        label = f"{name} ({splits} per head)" if splits > 1 else name
+        per = "key/value head" if name in rec.get("grouped", ()) else "head"
+        label = f"{name} ({splits} per {per})" if splits > 1 else name
         ax.plot(keys, [r[name]["us_median"] for r in rec["rows"]], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -154,12 +175,16 @@ def main() -> None:
     r.add_argument("--kv-heads", type=int, default=8)
     r.add_argument("--dim", type=int, default=128)
     r.add_argument("--positions", default=",".join(map(str, POSITIONS)))
+    r.add_argument("--grouped-pairs", type=int, action="append", default=[],
+                   help="A/B: also time grouped split-KV with this many query-key pairs a block "
+                        "(SPARSIFY_ATTN_SPLIT_KEYS; the kernel's own is 256)")
     p = sub.add_parser("plot")
     p.add_argument("record", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.out, a.heads, a.kv_heads, a.dim, [int(x) for x in a.positions.split(",") if x])
+        run(a.out, a.heads, a.kv_heads, a.dim, [int(x) for x in a.positions.split(",") if x],
+            tuple(a.grouped_pairs))
     else:
         plot(json.loads(a.record.read_text()), a.output)
 

@@ -105,7 +105,8 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
         kernels: bool, table_path: Path | None, small: bool,
         formats: tuple[str, ...] = ("fp16", "int8", "bf16"), ab_variants: tuple[int, ...] = (),
         ab_formats: tuple[str, ...] = (), ab_envs: tuple[str, ...] = (),
-        kernel_variants: str = "", tests: bool = True, contexts: tuple[int, ...] = ()) -> None:
+        kernel_variants: str = "", tests: bool = True, contexts: tuple[int, ...] = (),
+        contexts_only: bool = False) -> None:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +207,7 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
         runs.append({name: value})
     # Then the A/B formats after a long prompt (--contexts): the default step first, then each
     # setting, so that attention over many cached keys is compared in the same process.
-    plan = [(settings, None) for settings in runs]
+    plan = [] if contexts_only else [(settings, None) for settings in runs]
     for ctx in contexts:
         plan += [({}, ctx)] + [(settings, ctx) for settings in runs]
     for settings, ctx in plan:
@@ -315,7 +316,15 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
         if env.get("SPARSIFY_ATTN_GENERIC", "0") not in ("", "0"):
             step += ", attention for any head size"
         if (r.get("attn_splits") or 1) > 1:
-            step += f", attention split-KV (up to {r['attn_splits']} blocks per head)"
+            if r.get("attn_group") and "attn_group_from" not in r:  # H21: grouped from 512 keys
+                step += (f", attention split-KV (up to {r['attn_splits']} blocks per key/value "
+                         "head, query heads grouped)")
+            else:
+                step += f", attention split-KV (up to {r['attn_splits']} blocks per head"
+                if r.get("attn_group"):
+                    step += (f"; from {r['attn_group_from']} keys {r['attn_group_splits']} per "
+                             "key/value head, query heads grouped")
+                step += ")"
         if r.get("prompt") is None and r.get("context"):
             model += f", after {r['context']} tokens of context"
         bits = env.get("SPARSIFY_DIAG_NO_WAIT")
@@ -360,6 +369,9 @@ def main() -> None:
     r.add_argument("--contexts", default="",
                    help="comma-separated prompt lengths: the --ab-formats again after a prompt "
                         "of that many tokens, default step and each A/B setting")
+    r.add_argument("--contexts-only", action="store_true",
+                   help="run the A/B settings after the --contexts prompts only, not after the "
+                        "short one")
     r.add_argument("--kernel-variants", default="",
                    help="with --kernels: time only these launch variants besides the default "
                         "(comma-separated numbers)")
@@ -371,7 +383,7 @@ def main() -> None:
         run(a.out, a.deadline, a.tokens, a.repeats, a.profile_tokens, a.kernels, a.table,
             not a.no_small, tuple(f for f in a.formats.split(",") if f), tuple(a.ab_variant),
             tuple(f for f in a.ab_formats.split(",") if f), tuple(a.ab_env), a.kernel_variants,
-            not a.no_tests, tuple(int(c) for c in a.contexts.split(",") if c))
+            not a.no_tests, tuple(int(c) for c in a.contexts.split(",") if c), a.contexts_only)
     else:
         items = [(p, json.loads(p.read_text())) for p in sorted(a.records)]
         a.output.write_text(markdown(items))

@@ -33,7 +33,10 @@ slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches
 it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
 From 512 visible keys on, attention splits each head's keys over several blocks (as many as fill
 the device, ranges of 256 keys at least; ``attn_splits=1``, or ``SPARSIFY_CUDA_ATTN_SPLITS=1``,
-keeps one block per head).
+keeps one block per head). From 4096 keys on (``attn_group_from``) each block serves all the
+query heads of one key/value head instead, so that a cache row is read once per group rather
+than once per query head (``attn_group=False``, or ``SPARSIFY_CUDA_ATTN_GROUP=0``, keeps the
+split per query head there too).
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -55,7 +58,11 @@ from .errors import SparsifyError
 
 FORMATS = ("fp16", "bf16", "int8")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
-ATTN_SPLIT_KEYS = 256  # visible keys per split-KV range at least (decode_ops.h)
+# Visible keys from which attention runs split (below, one block per head is as fast), and
+# from which each block serves a key/value head's group of query heads (below, the split per
+# query head is faster): kernels/cuda/NOTES.md, H18, H21 and H22.
+ATTN_LONG_KEYS = 512
+ATTN_GROUP_KEYS = 4096
 INT8_GROUP = 128  # outputs per int8 scale: fixed by the CUDA kernel (SPARSIFY_GEMV_INT8_GROUP)
 # GGUF float types: host view dtype, torch dtype of the same bits.
 _FLOAT_FILE_TYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
@@ -121,7 +128,8 @@ class CUDAEngine:
                  device: str | torch.device = "cuda", use_graph: bool = True,
                  fused: bool | None = None, fold_norms: bool | None = None,
                  defer: bool | str | None = None, prefetch: bool | None = None,
-                 prefetch_cache: bool | None = None, attn_splits: int | None = None) -> None:
+                 prefetch_cache: bool | None = None, attn_splits: int | None = None,
+                 attn_group: bool | None = None, attn_group_from: int | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
         if max_len < 1:
@@ -153,7 +161,7 @@ class CUDAEngine:
         self.emb = self._tensor("token_embd")
         self._alloc()
         self.weight_aware = False
-        self._graph = self._graph_long = None
+        self._graph = self._graph_long = self._graph_group = None
         self._counting = False
         # Diagnostic (bench only): GEMVs replaced by fixed zero outputs, to time the glue alone.
         self._skip_gemv: dict[int, torch.Tensor] | None = None
@@ -190,7 +198,9 @@ class CUDAEngine:
         if prefetch_cache is None:
             prefetch_cache = os.environ.get("SPARSIFY_CUDA_PREFETCH_CACHE", "1") != "0"
         self.prefetch_cache = bool(prefetch_cache) and self.fused
-        # Split-KV attention: at long contexts each head's keys spread over several blocks.
+        # Split-KV attention: from attn_switch visible keys on each query head's keys spread
+        # over attn_splits blocks; from attn_group_from on (attn_group), one block per key/value
+        # head and range serves the group's query heads, over attn_group_splits blocks per group.
         if attn_splits is None:
             env = os.environ.get("SPARSIFY_CUDA_ATTN_SPLITS", "")
             attn_splits = int(env) if env else (
@@ -198,12 +208,30 @@ class CUDAEngine:
         if attn_splits < 1:
             raise ValueError(f"attn_splits must be positive, got {attn_splits}")
         self.attn_splits = int(attn_splits) if self.fused else 1
-        self._attn_now = 1  # the splits of the step being run or captured (see _run)
-        # Keys per split-KV range at least (decode_ops.h; the same setting as the kernel's).
-        self.attn_switch = int(os.environ.get("SPARSIFY_ATTN_SPLIT_KEYS") or ATTN_SPLIT_KEYS)
-        self.attn_ws = (self._kc.attention_workspace(cfg.n_head, cfg.head_dim_v,
-                                                     self.attn_splits, self.device)
-                        if self.attn_splits > 1 else None)
+        if attn_group is None:
+            attn_group = os.environ.get("SPARSIFY_CUDA_ATTN_GROUP", "1") != "0"
+        self.attn_group = bool(attn_group) and self.attn_splits > 1  # fused only
+        self.attn_group_splits = 1
+        if self.attn_group:
+            self.attn_group_splits = self._kc.attention_splits(cfg.n_head_kv, self.device)
+            self.attn_group = (
+                cfg.n_head // cfg.n_head_kv <= self._kc.MAX_GROUP_HEADS
+                and self.attn_group_splits > 1
+                and self._kc.attention_supported(
+                    cfg.head_dim, cfg.head_dim_v, max_len, self.device, n_head=cfg.n_head,
+                    n_head_kv=cfg.n_head_kv, splits=self.attn_group_splits, group_heads=True))
+        self.attn_group_from = int(attn_group_from or ATTN_GROUP_KEYS)
+        # Visible keys from which the split graph replays: where the launch has two ranges by
+        # the kernel's own rule (decode_ops.h), and not below ATTN_LONG_KEYS.
+        self.attn_switch = ATTN_LONG_KEYS
+        if self.attn_splits > 1:
+            keys = self._kc.attention_split_keys(self.attn_splits, self.device)
+            self.attn_switch = max(ATTN_LONG_KEYS, 2 * keys)
+        self._attn_mode = 0  # the attention of the step being run or captured (see _run)
+        splits = max(self.attn_splits, self.attn_group_splits if self.attn_group else 1)
+        self.attn_ws = (self._kc.attention_workspace(cfg.n_head, cfg.head_dim_v, splits,
+                                                     self.device)
+                        if splits > 1 else None)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -351,7 +379,7 @@ class CUDAEngine:
         self.thr.copy_(torch.tensor(vals, dtype=torch.float32))
         if bool(weight_aware) != self.weight_aware:
             self.weight_aware = bool(weight_aware)
-            self._graph = self._graph_long = None
+            self._graph = self._graph_long = self._graph_group = None
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -527,8 +555,10 @@ class CUDAEngine:
             qn = self.norms[pre + "attn_q_norm"] if c.qk_norm else None
             kn = self.norms[pre + "attn_k_norm"] if c.qk_norm else None
             o = P[pre + "attn_output"]
-            hints = {"prefetch_cache": self.prefetch_cache, "splits": self._attn_now,
-                     "workspace": self.attn_ws if self._attn_now > 1 else None}
+            mode = self._attn_mode
+            hints = {"prefetch_cache": self.prefetch_cache,
+                     "splits": (1, self.attn_splits, self.attn_group_splits)[mode],
+                     "workspace": self.attn_ws if mode else None, "group_heads": mode == 2}
             if self.prefetch and self._skip_gemv is None:
                 hints.update(next_w=o.w, next_threshold=o.threshold, next_scales=o.scales,
                              next_factor=o.norms if self.weight_aware else None)
@@ -560,11 +590,12 @@ class CUDAEngine:
         self.tok.copy_(nxt)
         self.pos.add_(1)
 
-    def _capture(self, long: bool = False) -> None:
-        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks):
-        ``_graph`` with one attention block per head, or with ``long`` ``_graph_long`` with
-        split-KV attention, replayed once there are two ranges of ``attn_switch`` keys."""
-        self._attn_now = self.attn_splits if long else 1
+    def _capture(self, mode: int = 0) -> None:
+        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks),
+        with the attention of ``mode``: 0 ``_graph``, one block per head; 1 ``_graph_long``,
+        split-KV per query head, replayed from ``attn_switch`` visible keys on; 2
+        ``_graph_group``, split-KV per key/value head, from ``attn_group_from`` keys on."""
+        self._attn_mode = mode
         tok, pos = self.tok.clone(), self.pos.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -577,23 +608,22 @@ class CUDAEngine:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._decode()
-        if long:
-            self._graph_long = g
-        else:
-            self._graph = g
+        setattr(self, ("_graph", "_graph_long", "_graph_group")[mode], g)
 
     def _run(self) -> None:
         if self.n_pos >= self.max_len:
             raise ValueError(f"the engine's KV cache holds {self.max_len} positions")
-        # Below two ranges' worth of keys the split launch would run one range per head anyway,
-        # and its idle blocks still cost a little: those positions replay the unsplit graph
-        # (the same result bit for bit).
-        long = self.attn_splits > 1 and self.n_pos + 1 >= 2 * self.attn_switch
-        self._attn_now = self.attn_splits if long else 1
+        # Below attn_switch keys the split launch would run one range anyway, or gain nothing,
+        # and its idle blocks still cost a little: those positions replay the unsplit graph.
+        keys = self.n_pos + 1
+        mode = (2 if self.attn_group and keys >= self.attn_group_from
+                else 1 if self.attn_splits > 1 and keys >= self.attn_switch else 0)
+        self._attn_mode = mode
         if self.use_graph and not self._counting:
-            if (self._graph_long if long else self._graph) is None:
-                self._capture(long)
-            (self._graph_long if long else self._graph).replay()
+            name = ("_graph", "_graph_long", "_graph_group")[mode]
+            if getattr(self, name) is None:
+                self._capture(mode)
+            getattr(self, name).replay()
         else:
             self._decode()
         self.n_pos += 1
@@ -866,6 +896,8 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "synthetic": is_synthetic(loaded), "format": fmt, "tokens": tokens, "repeats": repeats,
         "prompt": BENCH_PROMPT if not context else None, "context": len(ids),
         "cuda_graph": True, "attn_splits": engine.attn_splits,
+        "attn_group": engine.attn_group, "attn_group_splits": engine.attn_group_splits,
+        "attn_group_from": engine.attn_group_from,
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,

@@ -310,23 +310,36 @@ def test_attention_prefetches_change_nothing(models, fmt, weight_aware):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the fused step exists on CUDA only")
-def test_split_attention_follows_unsplit_at_long_context(models):
+@pytest.mark.parametrize("group", [False, True], ids=["per-head", "grouped"])
+def test_split_attention_follows_unsplit_at_long_context(models, group):
     """From 512 cached keys on the attention kernel spreads each head's keys over several
-    blocks (split-KV, its own graph from that position on); after a 700-token prompt it gives
-    the same greedy tokens as one block per head and logits within float32 rounding of the
-    combine, dense and sparse."""
-    from sparsify.engine_cuda import CUDAEngine
-
-    loaded = models("synthetic-small")
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, loaded.cfg.vocab_size, (700,), generator=g).tolist()
-    split = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=4)
-    one = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=1)
-    assert split.attn_splits == 4 and one.attn_splits == 1 and one.attn_ws is None
-    default = CUDAEngine(loaded, fmt="fp16", max_len=16, device=DEVICE)
+    blocks (split-KV, its own graph from that position on), and with ``attn_group`` from
+    ``attn_group_from`` keys on one block per key/value head serves the group's query heads (a
+    third graph); after a 700-token prompt it gives the same greedy tokens as one block per head
+    and logits within float32 rounding of the combine, dense and sparse."""
     from sparsify_kernels import cuda as kc
 
-    assert default.attn_splits == kc.attention_splits(loaded.cfg.n_head, default.device)
+    from sparsify.engine_cuda import ATTN_GROUP_KEYS, CUDAEngine
+
+    loaded = models("synthetic-small")
+    cfg = loaded.cfg
+    rep = cfg.n_head // cfg.n_head_kv
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (700,), generator=g).tolist()
+    # grouped: positions 512..599 split per query head, 600 on per key/value head
+    split = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=4,
+                       attn_group=group, attn_group_from=600)
+    one = CUDAEngine(loaded, fmt="fp16", max_len=740, device=DEVICE, attn_splits=1)
+    assert split.attn_splits == 4 and one.attn_splits == 1 and one.attn_ws is None
+    assert split.attn_group == group and not one.attn_group
+    assert split.attn_switch == 512 == 2 * kc.attention_split_keys(4)
+    # grouped ranges: 256 query-key pairs a block
+    assert kc.attention_split_keys(4, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv,
+                                   group_heads=True) == -(-256 // rep)
+    default = CUDAEngine(loaded, fmt="fp16", max_len=16, device=DEVICE)
+    assert default.attn_splits == kc.attention_splits(cfg.n_head, default.device)
+    assert default.attn_group and default.attn_group_from == ATTN_GROUP_KEYS
+    assert default.attn_group_splits == kc.attention_splits(cfg.n_head_kv, default.device)
     names = loaded.cfg.projection_names
     for thr in (None, {n: 0.02 * (1 + j % 3) for j, n in enumerate(names)}):
         runs = []
@@ -336,5 +349,6 @@ def test_split_attention_follows_unsplit_at_long_context(models):
             runs.append((toks, eng.logits.cpu().clone()))
         (ts, ls), (to, lo) = runs
         assert split._graph_long is not None and one._graph_long is None
+        assert (split._graph_group is not None) == group and one._graph_group is None
         assert ts == to
         assert float((ls - lo).abs().max()) <= 1e-4 * float(lo.abs().max())

@@ -778,11 +778,12 @@ ATTN_CASES = [  # n_head, n_head_kv, dk, dv, max_len, pos, window, qk_norm, neox
 ]
 
 
-def check_attention(gen, case, rows: int = 0, splits: int = 1) -> None:
+def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = False) -> None:
     """The attention kernel on one case against the reference: q/k/v as one vector (rows = 0)
     or as `rows` unreduced split rows of the q/k/v GEMV, which the kernel adds (in its own fixed
     order) before use, against the reference on their float32 sum in row order; with `splits`,
-    the visible keys cut into ranges over up to that many blocks per head. Checks the output,
+    the visible keys cut into ranges over up to that many blocks per head (with `group`, per
+    key/value head, each block serving the group's query heads). Checks the output,
     the new key and value at pos, and that no other cache entry moved."""
     nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
     dev = torch.device("cuda")
@@ -817,7 +818,7 @@ def check_attention(gen, case, rows: int = 0, splits: int = 1) -> None:
                         perm.to(dev), out, n_head=nh, scale=scale, eps=eps, window=window,
                         q_norm=None if qn is None else qn.to(dev),
                         k_norm=None if kn is None else kn.to(dev), splits=splits,
-                        workspace=ws)
+                        workspace=ws, group_heads=group)
     torch.cuda.synchronize()
     got = out.double().cpu()
     assert not torch.isnan(got).any()
@@ -884,13 +885,75 @@ def test_attention_decode_split_matches_reference(gen, case, splits, keys, monke
     check_attention(gen, case, rows=22, splits=splits)  # as in decode: q/k/v as 22 split rows
 
 
+# Grouped split-KV: the split cases (splits now per key/value head, ranges of at least
+# ceil(pairs / heads per group) keys) and groups of 3, 5 and 8 query heads (the kernel for up
+# to 8, with two keys and value rows in flight per thread).
+GROUP_CASES = SPLIT_CASES + [
+    ((9, 3, 64, 64, 800, 799, 0, False, True), 4, ""),  # SmolLM2's grouping: 86-key ranges
+    ((10, 2, 32, 32, 700, 650, 0, True, False), 5, "100"),  # 5 per group, q/k norm, 5 ranges
+    ((16, 2, 64, 64, 1100, 1099, 0, False, False), 16, ""),  # 8 per group, 16 ranges of 68-69
+    ((16, 2, 128, 128, 3000, 2999, 1000, False, True), 16, "128"),  # 8 per group, window
+    ((8, 1, 256, 256, 600, 599, 0, True, True), 8, "128"),  # 8 on one key/value head, dk 256
+]
+
+
 @on_gpu
-def test_attention_decode_split_replays_in_a_graph(gen):
-    """One captured launch with up to 4 ranges per head, replayed at device-side positions that
-    take 1, 2, 3 and 4 ranges (and back to 1): each replay's output is bit for bit that of a
-    direct launch at that position with its own fresh workspace, and equals the unsplit launch
-    bit for bit where one range covers every key (fewer than 512). So the tickets reset themselves between
-    launches and nothing depends on the capture-time position."""
+@pytest.mark.parametrize("case,splits,keys", GROUP_CASES,
+                         ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c) if isinstance(
+                             c, tuple) else str(c))
+def test_attention_decode_grouped_matches_reference(gen, case, splits, keys, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", keys)
+    check_attention(gen, case, splits=splits, group=True)
+    check_attention(gen, case, rows=22, splits=splits, group=True)
+
+
+@on_gpu
+@pytest.mark.parametrize("rows", [0, 22])
+@pytest.mark.parametrize("generic", ["0", "1"])
+def test_attention_decode_grouped_one_range_is_unsplit(gen, rows, generic, monkeypatch):
+    """With one range (splits = 1, any position) the grouped kernel forms every sum of a head
+    in the unsplit kernel's order: the outputs and caches are equal bit for bit, for every
+    attention case, q/k/v as one vector or as partial rows, compiled head sizes or not."""
+    monkeypatch.setenv("SPARSIFY_ATTN_GENERIC", generic)
+    dev = torch.device("cuda")
+    cases = ATTN_CASES + [  # groups of 3, 5 and 8 (shorter caches: one range holds every score)
+        (9, 3, 64, 64, 800, 799, 0, False, True), (10, 2, 32, 32, 700, 650, 0, True, False),
+        (16, 2, 64, 64, 1100, 1099, 0, False, False),
+        (16, 2, 128, 128, 1200, 1199, 1000, False, True),
+        (8, 1, 256, 256, 600, 599, 0, True, True)]
+    for nh, nkv, dk, dv, L, pos, window, qk_norm, neox in cases:
+        width = nh * dk + nkv * (dk + dv)
+        qkv = (torch.randn(rows, width, generator=gen) / 4 if rows
+               else torch.randn(width, generator=gen)).to(dev)
+        kc0 = torch.randn(nkv, L, dk, generator=gen).to(dev)
+        vc0 = torch.randn(nkv, L, dv, generator=gen).to(dev)
+        cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, neox))
+        norms = ({"q_norm": (torch.rand(dk, generator=gen) + 0.5).to(dev),
+                  "k_norm": (torch.rand(dk, generator=gen) + 0.5).to(dev)} if qk_norm else {})
+        res = []
+        for group in (False, True):
+            out = torch.full((nh * dv,), float("nan"), device=dev)
+            k, v = kc0.clone(), vc0.clone()
+            kc.attention_decode(qkv, k, v, torch.tensor([pos], device=dev), cos, sin, perm, out,
+                                n_head=nh, scale=0.3, eps=1e-6, window=window,
+                                group_heads=group, **norms)
+            res.append((out, k, v))
+        torch.cuda.synchronize()
+        (o1, k1, v1), (o2, k2, v2) = res
+        assert not o1.isnan().any()
+        assert torch.equal(o1, o2), (nh, nkv, dk, pos)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@on_gpu
+@pytest.mark.parametrize("group", [False, True], ids=["per-head", "grouped"])
+def test_attention_decode_split_replays_in_a_graph(gen, group):
+    """One captured launch with up to 4 ranges per head (grouped: per key/value head),
+    replayed at device-side positions that take 1, 2, 3 and 4 ranges (grouped: 3 and 4, and 1
+    at 101 keys): each replay's output is bit for bit that of a direct launch at that position
+    with its own fresh workspace, and equals the unsplit launch bit for bit where one range
+    covers every key (fewer than two ranges' minimum). So the tickets reset themselves between launches and nothing depends on the
+    capture-time position."""
     nh, nkv, dk, L = 8, 2, 64, 1100
     dev = torch.device("cuda")
     width = nh * dk + 2 * nkv * dk
@@ -901,10 +964,13 @@ def test_attention_decode_split_replays_in_a_graph(gen):
     pos = torch.tensor([0], device=dev)
     out = torch.zeros(nh * dk, device=dev)
     ws = kc.attention_workspace(nh, dk, 4, dev)
+    # 256 keys a range (grouped: 64, ceil(256 / 4)), so 1 to 4 ranges by 200 / 512 keys
+    one_range_below = kc.attention_split_keys(4, dev, n_head=nh, n_head_kv=nkv, group_heads=group)
+    assert one_range_below == (64 if group else 256)
 
     def launch(o, k, v, p, splits, w):
         kc.attention_decode(qkv, k, v, p, cos, sin, perm, o, n_head=nh, scale=0.125,
-                            splits=splits, workspace=w)
+                            splits=splits, workspace=w, group_heads=group and splits > 1)
 
     launch(out, kd, vd, pos, 4, ws)  # warm-up outside the capture
     g = torch.cuda.CUDAGraph()
@@ -924,7 +990,7 @@ def test_attention_decode_split_replays_in_a_graph(gen):
         torch.cuda.synchronize()
         assert torch.equal(out, want), p
         assert torch.equal(kd, kw) and torch.equal(vd, vw), p
-        if p + 1 < 512:
+        if p + 1 < 2 * one_range_below:
             assert torch.equal(out, plain), p
         else:
             err = float((out - plain).abs().max() / plain.abs().max())
@@ -933,7 +999,7 @@ def test_attention_decode_split_replays_in_a_graph(gen):
 
 
 @on_gpu
-def test_attention_decode_split_arguments(gen):
+def test_attention_decode_split_arguments(gen, monkeypatch):
     dev = torch.device("cuda")
     nh, nkv, dk, L = 4, 2, 16, 10
     qkv = torch.randn(nh * dk + nkv * 2 * dk, generator=gen).to(dev)
@@ -954,6 +1020,30 @@ def test_attention_decode_split_arguments(gen):
     assert 1 <= kc.attention_splits(nh, dev) <= kc.MAX_ATTN_SPLITS
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     assert nh * kc.attention_splits(nh, dev) <= max(sms, nh)
+    # Groups of more than MAX_GROUP_HEADS query heads: refused before any launch.
+    many = 2 * (kc.MAX_GROUP_HEADS + 1)
+    q9 = torch.randn(many * dk + 4 * dk, generator=gen).to(dev)
+    o9 = torch.zeros(many * dk, device=dev)
+    with pytest.raises(ValueError, match="group_heads takes at most"):
+        kc.attention_decode(q9, kd, vd, pos, cos, sin, perm, o9, n_head=many, scale=0.25,
+                            splits=2, workspace=kc.attention_workspace(many, dk, 2, dev),
+                            group_heads=True)
+    # The split-key rule as the kernel applies it: 256, at least `splits`, or the setting.
+    # Grouped: 256 query-key pairs per block, so ceil(256 / heads per group) keys.
+    assert kc.attention_split_keys(4, dev) == 256 and kc.attention_split_keys(64, dev) == 256
+    assert kc.attention_split_keys(4, dev, n_head=32, n_head_kv=8, group_heads=True) == 64
+    assert kc.attention_split_keys(4, dev, n_head=9, n_head_kv=3, group_heads=True) == 86
+    assert kc.attention_split_keys(64, dev, n_head=32, n_head_kv=4, group_heads=True) == 64
+    monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", "100")
+    assert kc.attention_split_keys(4, dev) == 100
+    assert kc.attention_split_keys(4, dev, n_head=32, n_head_kv=8, group_heads=True) == 25
+    monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", "1")
+    assert kc.attention_split_keys(4, dev) == 4
+    monkeypatch.delenv("SPARSIFY_ATTN_SPLIT_KEYS")
+    assert not kc.attention_supported(dk, dk, L, dev, n_head=many, n_head_kv=2,
+                                      group_heads=True)
+    assert kc.attention_supported(dk, dk, L, dev, n_head=nh, n_head_kv=nkv, splits=2,
+                                  group_heads=True)
 
 
 @on_gpu

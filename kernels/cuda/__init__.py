@@ -195,6 +195,11 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sparsify_attention_smem_bytes.restype = z
     lib.sparsify_attention_workspace_bytes.argtypes = [i, i, i]
     lib.sparsify_attention_workspace_bytes.restype = z
+    # dk, dv, max_len, n_head, n_head_kv, splits, flags
+    lib.sparsify_attention_launch_smem_bytes.argtypes = [i] * 7
+    lib.sparsify_attention_launch_smem_bytes.restype = z
+    lib.sparsify_attention_split_keys.argtypes = [i, i, i, i]  # n_head, n_head_kv, splits, flags
+    lib.sparsify_attention_split_keys.restype = i
     # wtype, w, scales, x, factor, threshold, y, k, n, workspace, workspace_bytes, variant,
     # blocks_per_sm, stream
     lib.sparsify_gemv_tuned.argtypes = [i, p, p, p, p, p, p, i, i, p, z, i, i, p]
@@ -602,25 +607,54 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, 
     return out
 
 
-def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | int | str
-                        ) -> bool:
-    """Whether :func:`attention_decode` runs these sizes on ``device`` (see decode_ops.h)."""
+def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | int | str, *,
+                        n_head: int | None = None, n_head_kv: int | None = None,
+                        splits: int = 1, group_heads: bool = False) -> bool:
+    """Whether :func:`attention_decode` runs these sizes on ``device`` (see decode_ops.h): with
+    the head counts, for a launch with ``splits`` and ``group_heads`` as given; without them,
+    for every ``splits`` without grouping."""
     if dk % 4 or dv % 4 or not (0 < dk <= 512 and 0 < dv <= 512) or max_len < 1:
         return False
-    smem = int(load(device).sparsify_attention_smem_bytes(dk, dv, max_len))
+    lib = load(device)
+    if n_head is None:
+        smem = int(lib.sparsify_attention_smem_bytes(dk, dv, max_len))
+    else:
+        smem = int(lib.sparsify_attention_launch_smem_bytes(
+            dk, dv, max_len, int(n_head), int(n_head_kv or n_head), int(splits),
+            ATTN_GROUP_HEADS if group_heads else 0))
+        if smem == 0:
+            return False
     props = torch.cuda.get_device_properties(device)
     limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
-    return smem + 1024 <= limit  # room for the kernel's static shared memory (128 bytes)
+    # room for the kernels' static shared memory: 0.6 KB, grouped 5.3 KB at most
+    return smem + (6 if group_heads else 1) * 1024 <= limit
 
 
 MAX_ATTN_SPLITS = 64  # decode_ops.h
+MAX_GROUP_HEADS = 8
+"""Query heads per key/value head that ``group_heads`` takes (decode_ops.cu)."""
+ATTN_GROUP_HEADS = 2  # SPARSIFY_ATTN_GROUP_HEADS
 
 
 def attention_splits(n_head: int, device: torch.device | int | str) -> int:
     """Key-range splits per head that fill ``device`` without queueing blocks: the largest s
-    with n_head * s <= multiprocessors (at least 1, at most MAX_ATTN_SPLITS)."""
+    with n_head * s <= multiprocessors (at least 1, at most MAX_ATTN_SPLITS). For
+    ``group_heads`` launches pass the key/value head count: their blocks are per group."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(MAX_ATTN_SPLITS, sms // max(1, int(n_head))))
+
+
+def attention_split_keys(splits: int, device: torch.device | int | str | None = None, *,
+                         n_head: int = 1, n_head_kv: int = 1, group_heads: bool = False) -> int:
+    """Keys a split-KV range takes at least in a launch with ``splits`` (the kernel's own rule,
+    SPARSIFY_ATTN_SPLIT_KEYS included, read now; with ``group_heads``, 256 query-key pairs per
+    block make ceil(256 / heads per group) keys): such a launch uses more than one range from
+    twice this many visible keys on."""
+    _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
+    keys = int(load(device).sparsify_attention_split_keys(
+        int(n_head), int(n_head_kv), int(splits), ATTN_GROUP_HEADS if group_heads else 0))
+    _check(keys > 0, f"no split rule for n_head={n_head}, n_head_kv={n_head_kv}")
+    return keys
 
 
 def attention_workspace(n_head: int, dv: int, splits: int, device: torch.device | int | str
@@ -639,7 +673,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
                      next_scales: torch.Tensor | None = None,
                      next_factor: torch.Tensor | None = None,
                      prefetch_cache: bool = False, splits: int = 1,
-                     workspace: torch.Tensor | None = None) -> torch.Tensor:
+                     workspace: torch.Tensor | None = None,
+                     group_heads: bool = False) -> torch.Tensor:
     """Attention of one query position over the cache, RoPE and the cache write included.
 
     Args:
@@ -665,6 +700,10 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             ``workspace`` from :func:`attention_workspace` (needed when ``splits`` > 1, one per
             launch that may run concurrently). Below 512 visible keys (one range) the result is
             bit for bit the unsplit one; beyond, it differs only in rounding.
+        group_heads: one block per key/value head and range works out all the group's query
+            heads (at most ``MAX_GROUP_HEADS``), reading each cache row once per group;
+            ``splits`` then counts ranges per key/value head. With one range the result is bit
+            for bit the unsplit one's.
         The prefetches are hints only: ``out`` and the caches come out the same.
     """
     _check(isinstance(kc, torch.Tensor) and kc.is_cuda, "kc must be a CUDA tensor")
@@ -690,7 +729,13 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         _check_vec(q_norm, "q_norm", (dk,), dev)
         _check_vec(k_norm, "k_norm", (dk,), dev)
     _check(window >= 0, f"window must be >= 0, got {window}")
-    _check(attention_supported(dk, dv, L, dev),
+    if group_heads:
+        _check(n_head // hkv <= MAX_GROUP_HEADS,
+               f"group_heads takes at most {MAX_GROUP_HEADS} query heads per key/value head, "
+               f"not {n_head // hkv}")
+    _check(attention_supported(dk, dv, L, dev, n_head=n_head, n_head_kv=hkv,
+                               splits=max(1, min(int(splits), MAX_ATTN_SPLITS)),
+                               group_heads=group_heads),
            f"attention_decode does not run dk={dk}, dv={dv}, max_len={L} (decode_ops.h limits)")
     nxt = None
     if next_w is not None:
@@ -724,7 +769,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             qkv.data_ptr(), parts, stride, kc.data_ptr(), vc.data_ptr(), pos.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
             out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
-            ctypes.byref(nxt) if nxt is not None else None, 1 if prefetch_cache else 0,
+            ctypes.byref(nxt) if nxt is not None else None,
+            (1 if prefetch_cache else 0) | (ATTN_GROUP_HEADS if group_heads else 0),
             int(splits), ws_ptr, ws_bytes, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out

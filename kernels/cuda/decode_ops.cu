@@ -176,6 +176,27 @@ __device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos
   prefetch_cache_range(p, t0, pos, h, g, rep, dk, dv);
 }
 
+// Head h's result o for feature i (of dv), written to out (the head's row); with `next`, the row of the projection that
+// reads it is prefetched if that projection will keep it.
+__device__ __forceinline__ void write_head_output(const AttnParams &p, float *out, int h, int dv,
+                                                  int i, float o) {
+  out[i] = o;
+  if (p.next_w != nullptr) {
+    // The next projection keeps input row r = h * dv + i unless score <= t (its own criterion,
+    // NaN kept): start fetching that row while this launch and the next one's start drain, so
+    // its first loads find the row in L2.
+    const size_t r = static_cast<size_t>(h) * dv + i;
+    const float f = p.next_factor != nullptr ? p.next_factor[r] : 1.0f;
+    if (!(fabsf(o) * f <= *p.next_threshold)) {
+      prefetch_l2_range(p.next_w + r * p.next_row_bytes, p.next_row_bytes, p.next_bulk);
+      if (p.next_scales != nullptr) {
+        prefetch_l2_range(reinterpret_cast<const char *>(p.next_scales + r * p.next_scale_row),
+                          p.next_scale_bytes, p.next_bulk);
+      }
+    }
+  }
+}
+
 // DK, DV > 0: the head dimensions as compile-time constants (the launcher picks these for the
 // common shapes), so that every index, loop bound and group count below folds into the code;
 // 0: read from p. The arithmetic is the same either way. SPLIT: the split-KV kernel (a grid of
@@ -418,25 +439,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   }
   __syncthreads();
 
-  // The head's result o[i], written out; with `next`, the row of the projection that reads it
-  // is prefetched if that projection will keep it.
-  auto finish = [&](int i, float o) {
-    out[i] = o;
-    if (p.next_w != nullptr) {
-      // The next projection keeps input row r = h * dv + i unless score <= t (its own
-      // criterion, NaN kept): start fetching that row while this launch and the next one's
-      // start drain, so its first loads find the row in L2.
-      const size_t r = static_cast<size_t>(h) * dv + i;
-      const float f = p.next_factor != nullptr ? p.next_factor[r] : 1.0f;
-      if (!(fabsf(o) * f <= *p.next_threshold)) {
-        prefetch_l2_range(p.next_w + r * p.next_row_bytes, p.next_row_bytes, p.next_bulk);
-        if (p.next_scales != nullptr) {
-          prefetch_l2_range(reinterpret_cast<const char *>(p.next_scales + r * p.next_scale_row),
-                            p.next_scale_bytes, p.next_bulk);
-        }
-      }
-    }
-  };
+  auto finish = [&](int i, float o) { write_head_output(p, out, h, dv, i, o); };
   if (!SPLIT || nsplit == 1) {
     for (int i = tid; i < dv; i += kAttnThreads) {
       float o = 0.0f;
@@ -489,6 +492,381 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   }
 }
 
+// Block-wide sums (or maxima) of n <= R values at once, in attention's fixed order (warp
+// butterflies, then the warps in order): v[r] comes back as block_reduce<kMax> would give it
+// alone, with one pair of barriers for all n. `red` holds 32 * R floats.
+template <bool kMax, int R>
+__device__ void block_reduce_n(float (&v)[R], int n, float *red) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < n) v[r] = kMax ? warp_max(v[r]) : warp_sum(v[r]);
+  }
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < n) red[r * 32 + warp] = v[r];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < n) {
+      float a = red[r * 32];
+      for (int w = 1; w < kAttnWarps; ++w) a = kMax ? fmaxf(a, red[r * 32 + w]) : a + red[r * 32 + w];
+      v[r] = a;
+    }
+  }
+}
+
+// Split-KV over key/value heads (SPARSIFY_ATTN_GROUP_HEADS): block b takes key/value head
+// g = b % n_head_kv and key range b / n_head_kv, and works out all rep = n_head / n_head_kv <= R
+// query heads of the group over that range, so each cache row is read once per group instead of
+// once per query head. Every sum of a head is formed in the same order as in attention_kernel
+// (the same per-element order for the partial q/k/v rows, the same dot products and butterflies,
+// the same value rows per thread in the same order), so with one range the result is bit for bit
+// that kernel's. R = 4 keeps 4 keys per warp and 4 value rows per thread in flight, R = 8 two
+// each (registers: 1024 threads have 64 each).
+template <int DK, int DV, int R>
+__global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const AttnParams p) {
+  constexpr int kKeys = R > 4 ? 2 : kKeysPerWarp;
+  constexpr int kValues = R > 4 ? 2 : kValuesPerThread;
+  extern __shared__ float4 smem4[];
+  float *sm = reinterpret_cast<float *>(smem4);
+  const int dk = DK > 0 ? DK : p.dk;
+  const int dv = DV > 0 ? DV : p.dv;
+  const int rep = p.n_head / p.n_head_kv;  // <= R: the launcher's choice
+  const int cap = (p.score_cap + 3) & ~3;
+  float *q = sm;                  // (rep, dk) q of the group's heads, then normed
+  float *k = q + rep * dk;        // (dk) the new key
+  float *qr = k + dk;             // (rep, dk) q after RoPE
+  float *kr = qr + rep * dk;      // (dk) the new key after RoPE
+  float *vn = kr + dk;            // (dv) the new value
+  float *s = vn + dv;             // (rep, cap) scores, then softmax numerators
+  float *part = s + rep * cap;    // (rep, kPartFloats) value-phase partial sums
+  __shared__ float red[32 * (R + 1)];  // R + 1 values: the q/k norms' sums
+  __shared__ float hm[R], hl[R];  // each head's maximum and denominator over the range
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = blockIdx.x % p.n_head_kv;
+  const int sp = blockIdx.x / p.n_head_kv;
+  const int h0 = g * rep;  // the group's first query head
+  const long long pos64 = *p.pos;
+  const bool pos_ok = pos64 >= 0 && pos64 < p.max_len;
+  const int pos = pos_ok ? static_cast<int>(pos64) : 0;
+  const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
+  const int nt = pos - t0 + 1;
+  const int nsplit = pos_ok ? max(1, min(p.splits, nt / p.min_keys)) : 1;
+  if (sp >= nsplit) return;
+  const int chunk = (nt + nsplit - 1) / nsplit;
+  const int ja = sp * chunk;
+  const int jb = min(nt, ja + chunk);
+  float rc = 1.0f;
+  float rs = 0.0f;
+  int rj = tid;
+  if (pos_ok && tid < dk) {
+    rc = p.cos_t[static_cast<size_t>(pos) * dk + tid];
+    rs = p.sin_t[static_cast<size_t>(pos) * dk + tid];
+    rj = p.perm[tid];
+  }
+  if (p.prefetch_cache && pos_ok) {
+    const int a = t0 + ja;
+    const int b = min(pos, t0 + jb);
+    if (b > a) prefetch_cache_range(p, a, b, 0, g, 1, dk, dv);  // the whole range: one block
+  }
+  wait_previous_grid(p.wait);
+
+  if (!pos_ok) {
+    for (int i = tid; i < rep * dv; i += kAttnThreads) {
+      p.out[static_cast<size_t>(h0) * dv + i] = __int_as_float(0x7fc00000);
+    }
+    return;
+  }
+  const int nq = rep * dk;
+  const float *qsrc = p.qkv + static_cast<size_t>(h0) * dk;
+  const float *ksrc = p.qkv + static_cast<size_t>(p.n_head + g) * dk;
+  const float *vsrc = p.qkv + static_cast<size_t>(p.n_head + p.n_head_kv) * dk +
+                      static_cast<size_t>(g) * dv;
+  if (p.parts <= 1) {
+    for (int i = tid; i < nq; i += kAttnThreads) q[i] = qsrc[i];
+    for (int i = tid; i < dk; i += kAttnThreads) k[i] = ksrc[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vn[i] = vsrc[i];
+  } else {
+    // As attention_kernel, with the same number of row groups (that of one head's 2 dk + dv
+    // elements), so that each element's rows are added in the same order.
+    constexpr int kRowsInFlight = 12;
+    const int ne = nq + dk + dv;
+    const int groups = max(1, kAttnThreads / (2 * dk + dv));
+    float *gsum = part;  // (groups, ne) <= rep * kPartFloats
+    for (int t = tid; t < groups * ne; t += kAttnThreads) {
+      const int g0 = t / ne;
+      const int e = t % ne;
+      const float *src = e < nq ? qsrc + e : (e < nq + dk ? ksrc + (e - nq) : vsrc + (e - nq - dk));
+      float a = 0.0f;
+      for (int r0 = g0; r0 < p.parts; r0 += groups * kRowsInFlight) {
+        float v[kRowsInFlight];
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) {
+          const int r = r0 + u * groups;
+          v[u] = r < p.parts ? src[static_cast<size_t>(r) * p.stride] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) a += v[u];
+      }
+      gsum[g0 * ne + e] = a;
+    }
+    __syncthreads();
+    for (int e = tid; e < ne; e += kAttnThreads) {
+      float a = gsum[e];
+      for (int g0 = 1; g0 < groups; ++g0) a += gsum[g0 * ne + e];
+      if (e < nq) {
+        q[e] = a;
+      } else if (e < nq + dk) {
+        k[e - nq] = a;
+      } else {
+        vn[e - nq - dk] = a;
+      }
+    }
+    __syncthreads();
+  }
+  if (p.q_norm != nullptr) {  // per head, as attention_kernel (same thread per element)
+    float sq[R + 1];
+#pragma unroll
+    for (int r = 0; r <= R; ++r) sq[r] = 0.0f;
+    for (int i = tid; i < dk; i += kAttnThreads) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rep) sq[r] += q[r * dk + i] * q[r * dk + i];
+      }
+      sq[R] += k[i] * k[i];
+    }
+    // The key's sum travels in slot rep, so that one reduction serves all rep + 1 of them.
+    float ss[R + 1];
+#pragma unroll
+    for (int r = 0; r <= R; ++r) ss[r] = r < rep ? sq[r] : (r == rep ? sq[R] : 0.0f);
+    block_reduce_n<false, R + 1>(ss, rep + 1, red);
+    const float inv = 1.0f / static_cast<float>(dk);
+    float kb = 0.0f;
+#pragma unroll
+    for (int r = 0; r <= R; ++r) {
+      if (r == rep) kb = rsqrtf(ss[r] * inv + p.eps);
+    }
+    for (int i = tid; i < dk; i += kAttnThreads) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rep) q[r * dk + i] = q[r * dk + i] * rsqrtf(ss[r] * inv + p.eps) * p.q_norm[i];
+      }
+      k[i] = k[i] * kb * p.k_norm[i];
+    }
+  }
+  __syncthreads();
+  if (tid < dk) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rep) qr[r * dk + tid] = q[r * dk + tid] * rc + q[r * dk + rj] * rs;
+    }
+    kr[tid] = k[tid] * rc + k[rj] * rs;
+  }
+  __syncthreads();
+  const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
+  const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
+  if (sp == 0) {  // one block per group writes the cache; none reads pos from it
+    float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
+    float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
+    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
+  }
+  const int nl = jb - ja;
+  const int tb = t0 + ja;
+
+  // Scores: as attention_kernel, each key row loaded once for all the group's heads.
+  const float4 *q4 = reinterpret_cast<const float4 *>(qr);
+  const float4 *kr4 = reinterpret_cast<const float4 *>(kr);
+  const int n4k = dk / 4;
+  for (int j0 = warp * kKeys; j0 < nl; j0 += kAttnWarps * kKeys) {
+    float dot[R][kKeys];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) dot[r][u] = 0.0f;
+    }
+    for (int c = lane; c < n4k; c += 32) {
+      float4 kv[kKeys];
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) {
+        const int t = tb + min(j0 + u, nl - 1);
+        const float4 *row = (t == pos) ? kr4
+                                       : reinterpret_cast<const float4 *>(
+                                             kbase + static_cast<size_t>(t) * dk);
+        kv[u] = row[c];
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rep) {
+          const float4 qv = q4[r * n4k + c];
+#pragma unroll
+          for (int u = 0; u < kKeys; ++u) {
+            dot[r][u] += qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rep) {
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) {
+          const float v = warp_sum(dot[r][u]);
+          if (lane == 0 && j0 + u < nl) s[r * cap + j0 + u] = v * p.scale;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Softmax numerators in place, every head's maximum and denominator in one reduction each.
+  float m[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    if (r < rep) {
+      for (int j = tid; j < nl; j += kAttnThreads) m[r] = fmaxf(m[r], s[r * cap + j]);
+    }
+  }
+  block_reduce_n<true, R>(m, rep, red);
+  float sum[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    sum[r] = 0.0f;
+    if (r < rep) {
+      for (int j = tid; j < nl; j += kAttnThreads) {
+        const float e = expf(s[r * cap + j] - m[r]);
+        s[r * cap + j] = e;
+        sum[r] += e;
+      }
+    }
+  }
+  block_reduce_n<false, R>(sum, rep, red);  // its barriers also publish every s[j]
+  if (tid == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rep) {
+        hm[r] = m[r];
+        hl[r] = sum[r];
+      }
+    }
+  }
+
+  // Weighted values: thread (grp, c) adds float4 column c of rows grp, grp + groups, ... for
+  // every head, each value row loaded once.
+  const int nchunk = dv / 4;
+  const int groups = kAttnThreads / nchunk;
+  const int grp = tid / nchunk;
+  const int c = tid % nchunk;
+  const float4 *vnew4 = reinterpret_cast<const float4 *>(vn);
+  if (grp < groups) {
+    float4 acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int j = grp; j < nl; j += groups * kValues) {
+      float4 v[kValues];
+#pragma unroll
+      for (int u = 0; u < kValues; ++u) {
+        const int jj = min(j + u * groups, nl - 1);
+        const int t = tb + jj;
+        const float4 *row = (t == pos) ? vnew4
+                                       : reinterpret_cast<const float4 *>(
+                                             vbase + static_cast<size_t>(t) * dv);
+        v[u] = row[c];
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rep) {
+#pragma unroll
+          for (int u = 0; u < kValues; ++u) {
+            const int jj = min(j + u * groups, nl - 1);
+            const float wt = (j + u * groups < nl) ? s[r * cap + jj] : 0.0f;
+            acc[r].x += wt * v[u].x;
+            acc[r].y += wt * v[u].y;
+            acc[r].z += wt * v[u].z;
+            acc[r].w += wt * v[u].w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rep) reinterpret_cast<float4 *>(part + r * kPartFloats)[grp * nchunk + c] = acc[r];
+    }
+  }
+  __syncthreads();
+
+  if (nsplit == 1) {
+    for (int i = tid; i < rep * dv; i += kAttnThreads) {
+      const int r = i / dv;
+      const int ii = i - r * dv;
+      const float *pr = part + r * kPartFloats;
+      float o = 0.0f;
+      for (int gg = 0; gg < groups; ++gg) o += pr[gg * dv + ii];
+      write_head_output(p, p.out + static_cast<size_t>(h0 + r) * dv, h0 + r, dv, ii, o / hl[r]);
+    }
+    return;
+  }
+
+  // As attention_kernel's split path, per head of the group; one ticket per group.
+  __shared__ unsigned ticket;
+  __shared__ float wm[R][kMaxAttnSplits];
+  __shared__ float wl[R][kMaxAttnSplits];
+  const int row = dv + 2;
+  for (int i = tid; i < rep * dv; i += kAttnThreads) {
+    const int r = i / dv;
+    const int ii = i - r * dv;
+    const float *pr = part + r * kPartFloats;
+    float o = 0.0f;
+    for (int gg = 0; gg < groups; ++gg) o += pr[gg * dv + ii];
+    __stcg(p.work + (static_cast<size_t>(h0 + r) * p.splits + sp) * row + ii, o);
+  }
+  if (tid < rep) {
+    float *w = p.work + (static_cast<size_t>(h0 + tid) * p.splits + sp) * row;
+    __stcg(w + dv, hm[tid]);
+    __stcg(w + dv + 1, hl[tid]);
+  }
+  __syncthreads();  // every partial store before thread 0's release
+  if (tid == 0) ticket = atomic_inc_acq_rel(p.counters + g, static_cast<unsigned>(nsplit - 1));
+  __syncthreads();
+  if (ticket != static_cast<unsigned>(nsplit - 1)) return;
+  for (int t = tid; t < rep * nsplit; t += kAttnThreads) {
+    const int r = t / nsplit;
+    const int b = t - r * nsplit;
+    const float *w = p.work + (static_cast<size_t>(h0 + r) * p.splits + b) * row;
+    wm[r][b] = __ldcg(w + dv);
+    wl[r][b] = __ldcg(w + dv + 1);
+  }
+  __syncthreads();
+  if (tid < rep) {  // each head's scales to the common maximum, and its denominator
+    float mx = wm[tid][0];
+    for (int b = 1; b < nsplit; ++b) mx = fmaxf(mx, wm[tid][b]);
+    float den = 0.0f;
+    for (int b = 0; b < nsplit; ++b) {
+      wm[tid][b] = expf(wm[tid][b] - mx);
+      den += wl[tid][b] * wm[tid][b];
+    }
+    hl[tid] = den;
+  }
+  __syncthreads();
+  for (int i = tid; i < rep * dv; i += kAttnThreads) {
+    const int r = i / dv;
+    const int ii = i - r * dv;
+    const float *w = p.work + static_cast<size_t>(h0 + r) * p.splits * row + ii;
+    float o = 0.0f;
+    for (int b = 0; b < nsplit; ++b) o += __ldcg(w + static_cast<size_t>(b) * row) * wm[r][b];
+    write_head_output(p, p.out + static_cast<size_t>(h0 + r) * dv, h0 + r, dv, ii, o / hl[r]);
+  }
+}
+
 bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr) % b == 0; }
 
 // Launch-time settings read here through env_int (common.cuh): SPARSIFY_DIAG_NO_WAIT (timing
@@ -510,6 +888,26 @@ AttnKernel attention_kernel_for(int dk, int dv) {
     }
   }
   return attention_kernel<0, 0, SPLIT>;
+}
+
+constexpr int kMaxGroupHeads = 8;  // query heads per group for SPARSIFY_ATTN_GROUP_HEADS
+
+template <int R>
+AttnKernel attention_group_kernel_for_r(int dk, int dv) {
+  if (env_int("SPARSIFY_ATTN_GENERIC") == 0 && dk == dv) {
+    switch (dk) {
+      case 64: return attention_group_kernel<64, 64, R>;
+      case 128: return attention_group_kernel<128, 128, R>;
+      case 256: return attention_group_kernel<256, 256, R>;
+      default: break;
+    }
+  }
+  return attention_group_kernel<0, 0, R>;
+}
+
+AttnKernel attention_group_kernel_for(int dk, int dv, int rep) {
+  return rep <= 4 ? attention_group_kernel_for_r<4>(dk, dv)
+                  : attention_group_kernel_for_r<kMaxGroupHeads>(dk, dv);
 }
 
 cudaError_t device_major(int *major) {
@@ -548,11 +946,19 @@ cudaError_t launch(Kernel kernel, int blocks, int threads, size_t smem, cudaStre
   return cudaGetLastError();
 }
 
-// Keys a range takes at least: kMinSplitKeys, or SPARSIFY_ATTN_SPLIT_KEYS when set (benchmark
-// A/B); never below splits, so that no block of a launch gets an empty range.
-int min_split_keys(int splits) {
+// Keys a range takes at least: M = kMinSplitKeys query-key pairs per block, or
+// SPARSIFY_ATTN_SPLIT_KEYS when set (benchmark A/B), so ceil(M / heads) keys for a block of
+// `heads` query heads (1, or a group's under SPARSIFY_ATTN_GROUP_HEADS); never below splits,
+// so that no block of a launch gets an empty range.
+int min_split_keys(int splits, int heads = 1) {
   const int env = env_int("SPARSIFY_ATTN_SPLIT_KEYS");
-  return std::max(env > 0 ? env : kMinSplitKeys, splits);
+  const int pairs = env > 0 ? env : kMinSplitKeys;
+  return std::max((pairs + heads - 1) / heads, splits);
+}
+
+// Query heads one block serves.
+int block_heads(int n_head, int n_head_kv, int flags) {
+  return (flags & SPARSIFY_ATTN_GROUP_HEADS) != 0 ? n_head / n_head_kv : 1;
 }
 
 // Scores one block holds: every visible key unsplit, else the longest range a launch can give
@@ -567,6 +973,28 @@ int score_cap(int max_len, int splits, int min_keys) {
 size_t attention_smem_bytes(int dk, int dv, int cap) {
   return (static_cast<size_t>(4) * dk + dv + ((static_cast<size_t>(cap) + 3) & ~size_t{3}) +
           kPartFloats) * sizeof(float);
+}
+
+// The grouped kernel's: rep heads' q and rotated q, the new key twice, the new value, rep
+// heads' scores and value-phase partial sums.
+size_t attention_group_smem_bytes(int dk, int dv, int cap, int rep) {
+  return (static_cast<size_t>(2 * rep + 2) * dk + dv +
+          static_cast<size_t>(rep) * (((static_cast<size_t>(cap) + 3) & ~size_t{3}) + kPartFloats)) *
+         sizeof(float);
+}
+
+// Dynamic shared memory of one launch, 0 for arguments no launch takes.
+size_t launch_smem_bytes(int dk, int dv, int max_len, int n_head, int n_head_kv, int splits,
+                         int flags) {
+  if (dk < 1 || dv < 1 || max_len < 1 || n_head < 1 || n_head_kv < 1 ||
+      n_head % n_head_kv != 0 || splits < 1 || splits > kMaxAttnSplits) {
+    return 0;
+  }
+  const int cap = score_cap(max_len, splits,
+                            min_split_keys(splits, block_heads(n_head, n_head_kv, flags)));
+  if ((flags & SPARSIFY_ATTN_GROUP_HEADS) == 0) return attention_smem_bytes(dk, dv, cap);
+  const int rep = n_head / n_head_kv;
+  return rep <= kMaxGroupHeads ? attention_group_smem_bytes(dk, dv, cap, rep) : 0;
 }
 
 // The workspace: n_head tickets, then the partial rows from the next 16-byte boundary.
@@ -591,6 +1019,21 @@ cudaError_t sparsify_add_rms_norm(float *h, const float *r, const float *post_w,
 
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len) {
   return attention_smem_bytes(dk, dv, max_len);
+}
+
+size_t sparsify_attention_launch_smem_bytes(int dk, int dv, int max_len, int n_head,
+                                            int n_head_kv, int splits, int flags) {
+  if ((flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) return 0;
+  return launch_smem_bytes(dk, dv, max_len, n_head, n_head_kv, splits, flags);
+}
+
+int sparsify_attention_split_keys(int n_head, int n_head_kv, int splits, int flags) {
+  if (splits < 1 || splits > kMaxAttnSplits || n_head < 1 || n_head_kv < 1 ||
+      n_head % n_head_kv != 0 ||
+      (flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) {
+    return 0;
+  }
+  return min_split_keys(splits, block_heads(n_head, n_head_kv, flags));
 }
 
 size_t sparsify_attention_workspace_bytes(int n_head, int dv, int splits) {
@@ -652,7 +1095,8 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
                      workspace_bytes < sparsify_attention_workspace_bytes(n_head, dv, splits))) {
     return cudaErrorInvalidValue;
   }
-  if (qkv_parts < 1 || (flags & ~SPARSIFY_ATTN_PREFETCH_CACHE) != 0) {
+  if (qkv_parts < 1 ||
+      (flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) {
     return cudaErrorInvalidValue;
   }
   if (next != nullptr &&
@@ -683,9 +1127,12 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
       !aligned(q_norm, 4) || !aligned(k_norm, 4)) {
     return cudaErrorInvalidValue;
   }
-  const int min_keys = min_split_keys(splits);
+  const bool grouped = (flags & SPARSIFY_ATTN_GROUP_HEADS) != 0;
+  const int rep = n_head / n_head_kv;
+  if (grouped && rep > kMaxGroupHeads) return cudaErrorNotSupported;
+  const int min_keys = min_split_keys(splits, block_heads(n_head, n_head_kv, flags));
   const int cap = score_cap(max_len, splits, min_keys);
-  const size_t smem = attention_smem_bytes(dk, dv, cap);
+  const size_t smem = launch_smem_bytes(dk, dv, max_len, n_head, n_head_kv, splits, flags);
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
@@ -693,8 +1140,9 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
   err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   // The per-block limit covers the kernel's static shared memory too.
-  const AttnKernel kernel =
-      splits > 1 ? attention_kernel_for<true>(dk, dv) : attention_kernel_for<false>(dk, dv);
+  const AttnKernel kernel = grouped      ? attention_group_kernel_for(dk, dv, rep)
+                            : splits > 1 ? attention_kernel_for<true>(dk, dv)
+                                         : attention_kernel_for<false>(dk, dv);
   cudaFuncAttributes fa;
   err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return err;
@@ -749,9 +1197,10 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
   p.work = splits > 1 ? reinterpret_cast<float *>(static_cast<char *>(workspace) +
                                                    work_offset(n_head))
                       : nullptr;
-  // Split-major block order: the first n_head blocks (range 0, busy at every position) are
-  // dispatched first; the blocks of ranges a short context does not need leave at once.
-  return launch(kernel, n_head * splits, kAttnThreads, smem, stream, p);
+  // Split-major block order: the first n_head (grouped: n_head_kv) blocks, range 0, busy at
+  // every position, are dispatched first; the blocks of ranges a short context does not need
+  // leave at once.
+  return launch(kernel, (grouped ? n_head_kv : n_head) * splits, kAttnThreads, smem, stream, p);
 }
 
 }  // extern "C"

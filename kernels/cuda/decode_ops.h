@@ -71,7 +71,7 @@
  *   head (1 to 64; 1 is sparsify_attention_decode_ex). At a position with V visible keys the
  *   launch cuts them into nsplit = max(1, min(splits, floor(V / M))) consecutive ranges of at
  *   least M keys, M = 256 (SPARSIFY_ATTN_SPLIT_KEYS overrides it at launch time, for
- *   benchmarks; never below splits), one block per head and range; each block keeps its
+ *   benchmarks; never below splits; sparsify_attention_split_keys tells it), one block per head and range; each block keeps its
  *   range's softmax maximum, denominator and unnormalised value sum in `workspace`, and the
  *   last block of the head to arrive rescales them to the common maximum and adds them in
  *   range order (deterministic). Below 2 * M keys (nsplit = 1) the result is bit for bit that
@@ -82,6 +82,16 @@
  *   workspace: sparsify_attention_workspace_bytes(n_head, dv, splits) bytes, 16-byte aligned,
  *   ZEROED once before the first launch (its tickets reset themselves after each launch);
  *   launches that may run at the same time need one each. NULL when splits == 1.
+ *   flags: SPARSIFY_ATTN_GROUP_HEADS makes each block serve a key/value head instead of a
+ *   query head: block (g, range) works out all rep = n_head / n_head_kv query heads of group g
+ *   (rep <= 8, else cudaErrorNotSupported) over its range, reading each cache row once for
+ *   the group instead of once per query head. `splits` then counts ranges per key/value head
+ *   (n_head_kv * splits <= multiprocessors fills the device), a range takes at least
+ *   ceil(M / rep) keys (M query-key pairs per block, as without the flag), and the workspace
+ *   is the same. Every sum of a head is formed in the same order as without the flag,
+ *   so with one range (splits == 1, or fewer than 2 * M visible keys) the result is bit for
+ *   bit the unsplit launch's. Shared memory: rep times the scores and partial sums of one
+ *   head (sparsify_attention_launch_smem_bytes).
  *
  * Head dimensions 64, 128 and 256 (dk == dv) run a kernel compiled for that size, others one
  *   that reads them at run time; both compute the same thing in the same order. Benchmark A/B:
@@ -127,8 +137,9 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
                                             int window, float scale, float eps,
                                             cudaStream_t stream);
 
-/* Flags of sparsify_attention_decode_ex. */
+/* Flags of sparsify_attention_decode_ex and sparsify_attention_decode_split. */
 #define SPARSIFY_ATTN_PREFETCH_CACHE 1
+#define SPARSIFY_ATTN_GROUP_HEADS 2 /* split only: one block per key/value head and range */
 
 /* The projection that reads attention's output, for sparsify_attention_decode_ex. */
 typedef struct {
@@ -165,6 +176,18 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
 /* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes (unsplit: an
    upper bound for sparsify_attention_decode_split). */
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);
+
+/* Dynamic shared memory bytes of one sparsify_attention_decode_split launch with these
+   arguments (0 for arguments no launch takes); it runs if this plus 1 KB of static shared memory
+   fits the device's opt-in limit per block. */
+size_t sparsify_attention_launch_smem_bytes(int dk, int dv, int max_len, int n_head,
+                                            int n_head_kv, int splits, int flags);
+
+/* Keys a split-KV range takes at least in a launch with these arguments (M above: 256, or
+   SPARSIFY_ATTN_SPLIT_KEYS read now; ceil(M / rep) with SPARSIFY_ATTN_GROUP_HEADS; never below
+   splits); 0 for a bad argument. Such a launch cuts its visible keys into more than one range
+   from twice this many keys on. */
+int sparsify_attention_split_keys(int n_head, int n_head_kv, int splits, int flags);
 
 /* Workspace bytes of sparsify_attention_decode_split (0 for a bad argument). */
 size_t sparsify_attention_workspace_bytes(int n_head, int dv, int splits);
