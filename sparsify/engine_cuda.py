@@ -161,7 +161,8 @@ class CUDAEngine:
         self.emb = self._tensor("token_embd")
         self._alloc()
         self.weight_aware = False
-        self._graph = self._graph_long = self._graph_group = None
+        # One CUDA graph per attention mode (see _capture), captured on first use.
+        self._graphs: list[torch.cuda.CUDAGraph | None] = [None, None, None]
         self._counting = False
         # Diagnostic (bench only): GEMVs replaced by fixed zero outputs, to time the glue alone.
         self._skip_gemv: dict[int, torch.Tensor] | None = None
@@ -379,7 +380,7 @@ class CUDAEngine:
         self.thr.copy_(torch.tensor(vals, dtype=torch.float32))
         if bool(weight_aware) != self.weight_aware:
             self.weight_aware = bool(weight_aware)
-            self._graph = self._graph_long = self._graph_group = None
+            self._graphs = [None, None, None]
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -591,10 +592,10 @@ class CUDAEngine:
         self.pos.add_(1)
 
     def _capture(self, mode: int = 0) -> None:
-        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks),
-        with the attention of ``mode``: 0 ``_graph``, one block per head; 1 ``_graph_long``,
-        split-KV per query head, replayed from ``attn_switch`` visible keys on; 2
-        ``_graph_group``, split-KV per key/value head, from ``attn_group_from`` keys on."""
+        """Capture _decode in a CUDA graph (after a warm-up on a side stream, as torch asks)
+        into ``_graphs[mode]``, with the attention of ``mode``: 0 one block per head; 1 split-KV
+        per query head, replayed from ``attn_switch`` visible keys on; 2 split-KV per key/value
+        head, from ``attn_group_from`` keys on."""
         self._attn_mode = mode
         tok, pos = self.tok.clone(), self.pos.clone()
         side = torch.cuda.Stream(self.device)
@@ -608,7 +609,7 @@ class CUDAEngine:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._decode()
-        setattr(self, ("_graph", "_graph_long", "_graph_group")[mode], g)
+        self._graphs[mode] = g
 
     def _run(self) -> None:
         if self.n_pos >= self.max_len:
@@ -620,10 +621,9 @@ class CUDAEngine:
                 else 1 if self.attn_splits > 1 and keys >= self.attn_switch else 0)
         self._attn_mode = mode
         if self.use_graph and not self._counting:
-            name = ("_graph", "_graph_long", "_graph_group")[mode]
-            if getattr(self, name) is None:
+            if self._graphs[mode] is None:
                 self._capture(mode)
-            getattr(self, name).replay()
+            self._graphs[mode].replay()
         else:
             self._decode()
         self.n_pos += 1
@@ -701,22 +701,22 @@ class CUDAEngine:
         self.fbuf.zero_()
         ns = {p.n for p in [*self.projs.values(), self.head]}
         self._skip_gemv = {n: torch.zeros(n, dtype=torch.float32, device=self.device) for n in ns}
-        saved = self._graph
+        saved = self._graphs[0]
         try:
-            self._graph = None
-            self._capture()
+            self._capture(0)
+            graph = self._graphs[0]
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            self._graph.replay()
+            graph.replay()
             start.record()
             for _ in range(steps):
-                self._graph.replay()
+                graph.replay()
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end) / steps
         finally:
             self._skip_gemv = None
-            self._graph = saved
+            self._graphs[0] = saved
             self.reset()
         return ms
 

@@ -212,9 +212,9 @@ def test_graph_follows_threshold_writes_without_recapture(models, engines):
             out.append((eng.logits.cpu().clone(), eng.generated(len(ids) - 1, 13)))
         results[mode] = out
         if mode == "graph":
-            graph = eng._graph
+            graph = eng._graphs[0]
     eng.use_graph = True
-    assert eng._graph is graph  # the threshold write did not force a new capture
+    assert eng._graphs[0] is graph  # the threshold write did not force a new capture
     for (lg, toks), (le, tokse) in zip(results["graph"], results["eager"], strict=True):
         assert toks == tokse
         # The same kernels in the same order: replays are bit-identical to eager steps.
@@ -348,7 +348,7 @@ def test_split_attention_follows_unsplit_at_long_context(models, group):
             toks = eng.generate(ids, 16)
             runs.append((toks, eng.logits.cpu().clone()))
         (ts, ls), (to, lo) = runs
-        assert split._graph_long is not None and one._graph_long is None
-        assert (split._graph_group is not None) == group and one._graph_group is None
+        assert split._graphs[1] is not None and one._graphs[1] is None
+        assert (split._graphs[2] is not None) == group and one._graphs[2] is None
         assert ts == to
         assert float((ls - lo).abs().max()) <= 1e-4 * float(lo.abs().max())

@@ -875,16 +875,6 @@ SPLIT_CASES = [  # case, splits, SPARSIFY_ATTN_SPLIT_KEYS ("" = the default 256)
 ]
 
 
-@on_gpu
-@pytest.mark.parametrize("case,splits,keys", SPLIT_CASES,
-                         ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c) if isinstance(
-                             c, tuple) else str(c))
-def test_attention_decode_split_matches_reference(gen, case, splits, keys, monkeypatch):
-    monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", keys)
-    check_attention(gen, case, splits=splits)
-    check_attention(gen, case, rows=22, splits=splits)  # as in decode: q/k/v as 22 split rows
-
-
 # Grouped split-KV: the split cases (splits now per key/value head, ranges of at least
 # ceil(pairs / heads per group) keys) and groups of 3, 5 and 8 query heads (the kernel for up
 # to 8, with two keys and value rows in flight per thread).
@@ -898,13 +888,16 @@ GROUP_CASES = SPLIT_CASES + [
 
 
 @on_gpu
-@pytest.mark.parametrize("case,splits,keys", GROUP_CASES,
+@pytest.mark.parametrize("case,splits,keys,group",
+                         [(*c, False) for c in SPLIT_CASES] + [(*c, True) for c in GROUP_CASES],
                          ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c) if isinstance(
-                             c, tuple) else str(c))
-def test_attention_decode_grouped_matches_reference(gen, case, splits, keys, monkeypatch):
+                             c, tuple) else ("grouped" if c is True else "per-head"
+                                             if c is False else str(c)))
+def test_attention_decode_split_matches_reference(gen, case, splits, keys, group, monkeypatch):
     monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", keys)
-    check_attention(gen, case, splits=splits, group=True)
-    check_attention(gen, case, rows=22, splits=splits, group=True)
+    check_attention(gen, case, splits=splits, group=group)
+    # as in decode: q/k/v as 22 split rows
+    check_attention(gen, case, rows=22, splits=splits, group=group)
 
 
 @on_gpu

@@ -733,8 +733,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         _check(n_head // hkv <= MAX_GROUP_HEADS,
                f"group_heads takes at most {MAX_GROUP_HEADS} query heads per key/value head, "
                f"not {n_head // hkv}")
-    _check(attention_supported(dk, dv, L, dev, n_head=n_head, n_head_kv=hkv,
-                               splits=max(1, min(int(splits), MAX_ATTN_SPLITS)),
+    _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
+    _check(attention_supported(dk, dv, L, dev, n_head=n_head, n_head_kv=hkv, splits=int(splits),
                                group_heads=group_heads),
            f"attention_decode does not run dk={dk}, dv={dv}, max_len={L} (decode_ops.h limits)")
     nxt = None
@@ -755,7 +755,6 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         nxt = _NextRows(next_w.data_ptr(), next_w.shape[1] * next_w.element_size(),
                         _ptr(next_scales), groups if next_scales is not None else 0,
                         _ptr(next_factor), next_threshold.data_ptr())
-    _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
     ws_ptr, ws_bytes = None, 0
     if splits > 1:
         _check(workspace is not None, "splits > 1 needs workspace=attention_workspace(...)")
