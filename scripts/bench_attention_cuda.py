@@ -8,11 +8,13 @@
 ``splits = 1`` (every head on one 1024-thread block), once split per query head
 (``attention_splits(n_head)``: as many ranges per head as fill the multiprocessors) and once
 split per key/value head with the group's query heads in one block (``group_heads``, ranges
-from ``attention_splits(n_head_kv)``; the engine's choice). Each timing is a CUDA-graph replay of
-32 launches, one per layer, each over its own cache and q/k/v rows, so the caches together
+from ``attention_splits(n_head_kv)``; the engine's choice); then the three again over float16
+caches holding the same values rounded (``kv_cache="f16"``). Each timing is a CUDA-graph replay
+of 32 launches, one per layer, each over its own cache and q/k/v rows, so the caches together
 exceed L2 as they do in a decode step, divided by 32. It first checks every setting against the
-first at every position (the same output within float32 rounding). The record holds the device,
-versions, shapes, and the bytes of cache each launch reads.
+first of its cache type at every position (the same output within float32 rounding), and the
+float16 results against the float32 ones (within the rounding of the cache). The record holds
+the device, versions, shapes, and the bytes of cache each launch reads.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
     dev = torch.device("cuda")
     L = max(positions) + 1
     g = torch.Generator().manual_seed(0)
+    gd = torch.Generator(dev).manual_seed(0)
     width = n_head * dim + 2 * n_head_kv * dim
     # 22 partial q/k/v rows, as the decode step's deferred reduction leaves them.
     qkv = [(torch.randn(22, width, generator=g) / math.sqrt(22)).to(dev) for _ in range(LAYERS)]
-    kcache = [torch.randn(n_head_kv, L, dim, generator=g).to(dev) for _ in range(LAYERS)]
-    vcache = [torch.randn(n_head_kv, L, dim, generator=g).to(dev) for _ in range(LAYERS)]
+    caches = {"float32": [(torch.randn(n_head_kv, L, dim, generator=gd, device=dev),
+                           torch.randn(n_head_kv, L, dim, generator=gd, device=dev))
+                          for _ in range(LAYERS)]}
+    caches["float16"] = [(k.half(), v.half()) for k, v in caches["float32"]]
     half = dim // 2
     ang = torch.rand(L, half, generator=g) * 6.3
     cos = torch.cat([torch.cos(ang), torch.cos(ang)], 1).to(dev)
@@ -65,11 +70,21 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
             settings[name] = per_group
             grouped.add(name)
             envs[name] = {"SPARSIFY_ATTN_SPLIT_KEYS": str(pairs)}
+    for name in list(settings):  # the same launches over float16 caches
+        settings[name + ", f16 cache"] = settings[name]
+        if name in grouped:
+            grouped.add(name + ", f16 cache")
+        if name in envs:
+            envs[name + ", f16 cache"] = envs[name]
     work = kc.attention_workspace(n_head, dim, max(settings.values()), dev)
 
-    def step(splits: int, group: bool) -> None:
+    def cache_of(name: str) -> str:
+        return "float16" if name.endswith("f16 cache") else "float32"
+
+    def step(splits: int, group: bool, cache: str) -> None:
         for i in range(LAYERS):
-            kc.attention_decode(qkv[i], kcache[i], vcache[i], pos, cos, sin, perm, outs[i],
+            kd, vd = caches[cache][i]
+            kc.attention_decode(qkv[i], kd, vd, pos, cos, sin, perm, outs[i],
                                 n_head=n_head, scale=1.0 / math.sqrt(dim), prefetch_cache=True,
                                 splits=splits, workspace=work if splits > 1 else None,
                                 group_heads=group)
@@ -77,11 +92,11 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
     graphs = {}
     for name, splits in settings.items():
         os.environ.update(envs.get(name, {}))  # read by the launches, so fixed in the capture
-        step(splits, name in grouped)
+        step(splits, name in grouped, cache_of(name))
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
-            step(splits, name in grouped)
+            step(splits, name in grouped, cache_of(name))
         graphs[name] = gr
         for k in envs.get(name, {}):
             del os.environ[k]
@@ -93,15 +108,23 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
             gr.replay()
             torch.cuda.synchronize()
             res[name] = outs.clone()
-        base = next(iter(res.values()))
-        err = 0.0
-        for name, o in list(res.items())[1:]:
-            e = float((o - base).abs().max() / base.abs().max())
-            if not e < 1e-5:
-                raise SystemExit(f"{name} differs from one block per head at pos {p}: {e:.2e}")
-            err = max(err, e)
-        row = {"pos": p, "keys": p + 1, "max_rel_diff": err,
-               "cache_bytes_per_launch": 2 * n_head_kv * (p + 1) * dim * 4}
+        err, err16 = 0.0, 0.0
+        for cache in ("float32", "float16"):
+            names = [n for n in res if cache_of(n) == cache]
+            base = res[names[0]]
+            for name in names[1:]:
+                e = float((res[name] - base).abs().max() / base.abs().max())
+                if not e < 1e-5:
+                    raise SystemExit(f"{name} differs from {names[0]} at pos {p}: {e:.2e}")
+                err = max(err, e)
+        f32, f16 = (next(o for n, o in res.items() if cache_of(n) == c)
+                    for c in ("float32", "float16"))
+        err16 = float((f16 - f32).abs().max() / f32.abs().max())
+        if not err16 < 1e-2:
+            raise SystemExit(f"the float16 cache's result is {err16:.2e} from float32's at {p}")
+        row = {"pos": p, "keys": p + 1, "max_rel_diff": err, "f16_vs_f32_rel_diff": err16,
+               "cache_bytes_per_launch": 2 * n_head_kv * (p + 1) * dim * 4,
+               "f16_cache_bytes_per_launch": 2 * n_head_kv * (p + 1) * dim * 2}
         for name, gr in graphs.items():
             times = []
             for _ in range(5):
@@ -126,7 +149,8 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
         "cuda": torch.version.cuda,
         "nvcc": kc.nvcc_version(nvcc).splitlines()[-1] if nvcc else None,
         "shape": {"n_head": n_head, "n_head_kv": n_head_kv, "head_dim": dim,
-                  "cache": "float32", "qkv_rows": 22, "layers_per_graph": LAYERS},
+                  "cache": "float32 (settings ending 'f16 cache': float16)", "qkv_rows": 22,
+                  "layers_per_graph": LAYERS},
         "settings": settings, "grouped": sorted(grouped), "environment": envs,
         "split_pairs": os.environ.get("SPARSIFY_ATTN_SPLIT_KEYS") or 256,
         "method": (f"CUDA graph of {LAYERS} launches over {LAYERS} caches, {REPLAYS} replays "
@@ -147,10 +171,15 @@ def plot(rec: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = [r["keys"] for r in rec["rows"]]
+    colors = {}
     for name, splits in rec["settings"].items():
         per = "key/value head" if name in rec.get("grouped", ()) else "head"
         label = f"{name} ({splits} per {per})" if splits > 1 else name
-        ax.plot(keys, [r[name]["us_median"] for r in rec["rows"]], marker="o", label=label)
+        base = name.removesuffix(", f16 cache")  # the same launches over float16: dashed
+        line, = ax.plot(keys, [r[name]["us_median"] for r in rec["rows"]], marker="o",
+                        label=label, color=colors.get(base),
+                        linestyle="--" if base != name else "-")
+        colors.setdefault(base, line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("visible keys")

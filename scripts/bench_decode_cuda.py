@@ -216,7 +216,8 @@ def run(out: Path, deadline: float, tokens: int, repeats: int, profile_tokens: i
                        for k, v in settings.items())
         label = "_".join(x for x in ("synthetic-llama3-8b", f"ctx{ctx}" if ctx else "", tag) if x)
         for fmt in ab_formats:
-            if left(deadline) < 55 + (ctx or 0) / 40:
+            # a prefill per level: 89-102 s measured after 4096 tokens on an H200
+            if left(deadline) < 50 + (ctx or 0) / 55:
                 log(f"skipping A/B {settings} context {ctx} {fmt}: {left(deadline):.0f} s left")
                 continue
             path = bench_one(str(big), tab, levels, fmt, out, tokens, repeats, label, ctx)
@@ -273,7 +274,9 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
              "*GEMV grids of N blocks per SM*: SPARSIFY_GEMV_BLOCKS_PER_SM=N "
              "instead of the occupancy, four; *attention for any head size*: "
              "SPARSIFY_ATTN_GENERIC=1, the attention kernel that reads the head dimensions at "
-             "run time instead of the one compiled for them, the only one before run H16); "
+             "run time instead of the one compiled for them, the only one before run H16; "
+             "*f16 KV cache*: keys and values stored in float16 (`kv_cache=\"f16\"`), the "
+             "others in float32); "
              "`code` is the version in the record's file "
              "name (`_vN`: an earlier record of that card; latest: that card's most recent "
              "record; kernels/cuda/NOTES.md names the code of each run)."), ""]
@@ -325,6 +328,8 @@ def markdown(items: list[tuple[Path, dict]]) -> str:
                     step += (f"; from {r['attn_group_from']} keys {r['attn_group_splits']} per "
                              "key/value head, query heads grouped")
                 step += ")"
+        if r.get("kv_cache", "f32") != "f32":
+            step += f", {r['kv_cache']} KV cache"
         if r.get("prompt") is None and r.get("context"):
             model += f", after {r['context']} tokens of context"
         bits = env.get("SPARSIFY_DIAG_NO_WAIT")

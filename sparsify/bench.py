@@ -131,7 +131,8 @@ def llamacpp_decode_rate(path: Path, prompt: str, tokens: int, repeats: int,
 
 def run_bench(spec: str, device: str, levels: list[float], table_path: str | None,
               fmt: str | None, tokens: int, repeats: int, threads: int | None,
-              json_out: str | None, force: bool, context: int | None = None) -> None:
+              json_out: str | None, force: bool, context: int | None = None,
+              kv_cache: str | None = None) -> None:
     from .loader import load
 
     if json_out and Path(json_out).exists() and not force:
@@ -148,7 +149,8 @@ def run_bench(spec: str, device: str, levels: list[float], table_path: str | Non
     if device == "cuda":
         from .engine_cuda import bench_cuda
 
-        record = bench_cuda(loaded, table, levels, fmt or "fp16", tokens, repeats, context)
+        record = bench_cuda(loaded, table, levels, fmt or "fp16", tokens, repeats, context,
+                            kv_cache)
     else:
         record = bench_cpu(loaded, table, levels, fmt or "int8", tokens, repeats, threads,
                            context)

@@ -108,14 +108,24 @@ def info(model: str) -> None:
 @click.option("--sparsity", type=click.FloatRange(0, 1), default=None,
               help="Model-wide sparsity level to apply from --table.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--kv-cache", type=click.Choice(["f32", "f16"]), default=None,
+              help="KV cache element type on cuda [default: f32]; f16 halves its memory and "
+                   "the bytes attention reads.")
 def generate(model: str, prompt: str, n_tokens: int, temperature: float, seed: int,
-             table: str | None, sparsity: float | None, device: str) -> None:
+             table: str | None, sparsity: float | None, device: str,
+             kv_cache: str | None) -> None:
     """Generate text from MODEL, streaming it to stdout (tokens/s on stderr)."""
     from .run import run_generate
 
     if (table is None) != (sparsity is None):
         raise click.UsageError("--table and --sparsity go together")
-    run_generate(model, prompt, n_tokens, temperature, seed, table, sparsity, device)
+    _cuda_only(kv_cache, device)
+    run_generate(model, prompt, n_tokens, temperature, seed, table, sparsity, device, kv_cache)
+
+
+def _cuda_only(kv_cache: str | None, device: str) -> None:
+    if kv_cache is not None and device != "cuda":
+        raise click.UsageError("--kv-cache applies to --device cuda only")
 
 
 
@@ -226,16 +236,20 @@ def eval_(model: str, table_path: str, sparsity: str, method: str, text: str | N
 @click.option("--context", type=click.IntRange(1), default=None,
               help="Decode after this many tokens of built-in text (attention then reads that "
                    "many cached keys) instead of a one-line prompt.")
+@click.option("--kv-cache", type=click.Choice(["f32", "f16"]), default=None,
+              help="KV cache element type on cuda [default: f32]; f16 halves its memory and "
+                   "the bytes attention reads.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--force", is_flag=True, help="Overwrite an existing JSON file.")
 def bench(model: str, device: str, sparsity: str, table_path: str | None, fmt: str | None,
           tokens: int, repeats: int, threads: int | None, context: int | None,
-          json_out: str | None, force: bool) -> None:
+          kv_cache: str | None, json_out: str | None, force: bool) -> None:
     """Decode tokens/s of MODEL, dense and sparse (and llama.cpp's when installed)."""
     from .bench import run_bench
 
+    _cuda_only(kv_cache, device)
     run_bench(model, device, _levels(sparsity), table_path, fmt, tokens, repeats, threads,
-              json_out, force, context)
+              json_out, force, context, kv_cache)
 
 
 def _levels(text: str) -> list[float]:

@@ -33,10 +33,13 @@ slower, kernels/cuda/NOTES.md); before it waits for the q/k/v GEMV it prefetches
 it will read (``prefetch_cache=False``, or ``SPARSIFY_CUDA_PREFETCH_CACHE=0``, turns that off).
 From 512 visible keys on, attention splits each head's keys over several blocks (as many as fill
 the device, ranges of 256 keys at least; ``attn_splits=1``, or ``SPARSIFY_CUDA_ATTN_SPLITS=1``,
-keeps one block per head). From 4096 keys on (``attn_group_from``) each block serves all the
-query heads of one key/value head instead, so that a cache row is read once per group rather
-than once per query head (``attn_group=False``, or ``SPARSIFY_CUDA_ATTN_GROUP=0``, keeps the
-split per query head there too).
+keeps one block per head). From 4096 keys on (``attn_group_from``; 8192 over a float16 cache)
+each block serves all the query heads of one key/value head instead, so that a cache row is
+read once per group rather than once per query head (``attn_group=False``, or
+``SPARSIFY_CUDA_ATTN_GROUP=0``, keeps the split per query head there too). The KV cache holds
+float32 by default; ``kv_cache="f16"`` (or ``SPARSIFY_CUDA_KV_CACHE=f16``) stores keys and
+values in float16, llama.cpp's default cache type: half the memory, and half the bytes attention
+reads at long contexts, with every product and sum still in float32.
 ``device="cpu"`` runs the torch glue eagerly with a masked matmul in place of the kernel, for
 testing the glue without a GPU.
 """
@@ -57,12 +60,15 @@ from .config import ModelConfig
 from .errors import SparsifyError
 
 FORMATS = ("fp16", "bf16", "int8")
+KV_CACHES = {"f32": torch.float32, "f16": torch.float16}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 # Visible keys from which attention runs split (below, one block per head is as fast), and
 # from which each block serves a key/value head's group of query heads (below, the split per
-# query head is faster): kernels/cuda/NOTES.md, H18, H21 and H22.
+# query head is faster): kernels/cuda/NOTES.md, H18, H21 and H22; over a float16 cache the split
+# per query head keeps up to about 8192 keys (H25).
 ATTN_LONG_KEYS = 512
 ATTN_GROUP_KEYS = 4096
+ATTN_GROUP_KEYS_F16 = 8192
 INT8_GROUP = 128  # outputs per int8 scale: fixed by the CUDA kernel (SPARSIFY_GEMV_INT8_GROUP)
 # GGUF float types: host view dtype, torch dtype of the same bits.
 _FLOAT_FILE_TYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
@@ -118,7 +124,8 @@ class CUDAEngine:
     """Batch-1 greedy decode on the CUDA sparse GEMV kernels, the step captured in a CUDA graph.
 
     ``loaded`` is a :class:`sparsify.loader.Loaded`; ``fmt`` the weight format of every
-    projection and the head ("fp16", "bf16", "int8"); ``max_len`` the KV cache length.
+    projection and the head ("fp16", "bf16", "int8"); ``max_len`` the KV cache length;
+    ``kv_cache`` its element type ("f32" or "f16").
     :meth:`set_thresholds` makes projections sparse (names absent from the dict run dense, at
     threshold -1); :meth:`step` feeds one token and returns the logits (a reused float32 (V,)
     device buffer); :meth:`decode_greedy` continues greedily with no host synchronisation.
@@ -129,9 +136,16 @@ class CUDAEngine:
                  fused: bool | None = None, fold_norms: bool | None = None,
                  defer: bool | str | None = None, prefetch: bool | None = None,
                  prefetch_cache: bool | None = None, attn_splits: int | None = None,
-                 attn_group: bool | None = None, attn_group_from: int | None = None) -> None:
+                 attn_group: bool | None = None, attn_group_from: int | None = None,
+                 kv_cache: str | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(FORMATS)})")
+        if kv_cache is None:
+            kv_cache = os.environ.get("SPARSIFY_CUDA_KV_CACHE", "") or "f32"
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"unknown KV cache type {kv_cache!r} "
+                             f"(choose from {', '.join(KV_CACHES)})")
+        self.kv_cache = kv_cache
         if max_len < 1:
             raise ValueError(f"max_len must be positive, got {max_len}")
         self.device = torch.device(device)
@@ -179,8 +193,9 @@ class CUDAEngine:
                 for grp in self._groups(i):
                     need = max(need, kc.group_workspace_bytes(grp[0].k, [p.n for p in grp]))
             self.ws = torch.zeros(need, dtype=torch.uint8, device=self.device)
-            self.fused = bool(fused) and kc.attention_supported(cfg.head_dim, cfg.head_dim_v,
-                                                               max_len, self.device)
+            self.fused = bool(fused) and kc.attention_supported(
+                cfg.head_dim, cfg.head_dim_v, max_len, self.device,
+                cache_dtype=KV_CACHES[self.kv_cache])
         if fold_norms is None:
             fold_norms = os.environ.get("SPARSIFY_CUDA_FOLD_NORMS", "1") != "0"
         # Gemma's post-norms need the RMS of a projection's whole output before the residual
@@ -220,8 +235,10 @@ class CUDAEngine:
                 and self.attn_group_splits > 1
                 and self._kc.attention_supported(
                     cfg.head_dim, cfg.head_dim_v, max_len, self.device, n_head=cfg.n_head,
-                    n_head_kv=cfg.n_head_kv, splits=self.attn_group_splits, group_heads=True))
-        self.attn_group_from = int(attn_group_from or ATTN_GROUP_KEYS)
+                    n_head_kv=cfg.n_head_kv, splits=self.attn_group_splits, group_heads=True,
+                    cache_dtype=KV_CACHES[self.kv_cache]))
+        self.attn_group_from = int(attn_group_from or (
+            ATTN_GROUP_KEYS_F16 if self.kv_cache == "f16" else ATTN_GROUP_KEYS))
         # Visible keys from which the split graph replays: where the launch has two ranges by
         # the kernel's own rule (decode_ops.h), and not below ATTN_LONG_KEYS.
         self.attn_switch = ATTN_LONG_KEYS
@@ -313,9 +330,10 @@ class CUDAEngine:
         self.history = torch.zeros(L + 1, dtype=torch.int64, device=dev)
         self.logits = torch.zeros(c.vocab_size, dtype=f, device=dev)
         self.kept = torch.zeros(len(self.projs), dtype=torch.int64, device=dev)
-        self.kc = [torch.zeros((c.n_head_kv, L, c.head_dim), dtype=f, device=dev)
+        kv = KV_CACHES[self.kv_cache]
+        self.kc = [torch.zeros((c.n_head_kv, L, c.head_dim), dtype=kv, device=dev)
                    for _ in range(c.n_layer)]
-        self.vc = [torch.zeros((c.n_head_kv, L, c.head_dim_v), dtype=f, device=dev)
+        self.vc = [torch.zeros((c.n_head_kv, L, c.head_dim_v), dtype=kv, device=dev)
                    for _ in range(c.n_layer)]
         self.kpos = torch.arange(L, device=dev)
         self.ninf = torch.full((L,), float("-inf"), dtype=f, device=dev)
@@ -490,8 +508,10 @@ class CUDAEngine:
                 q, k = qk[:c.n_head], qk[c.n_head:]
             v = qkv[nq + nk:].view(c.n_head_kv, 1, c.head_dim_v)
             kc, vc = self.kc[i], self.vc[i]
-            kc.index_copy_(1, pos, k.reshape(c.n_head_kv, 1, c.head_dim))
-            vc.index_copy_(1, pos, v)
+            kc.index_copy_(1, pos, k.reshape(c.n_head_kv, 1, c.head_dim).to(kc.dtype))
+            vc.index_copy_(1, pos, v.to(vc.dtype))
+            if kc.dtype != torch.float32:  # float16 rows, float32 products as in the kernel
+                kc, vc = kc.float(), vc.float()
             # Grouped-query: head h reads kv head h // rep, as repeat_interleave in the model.
             qg = q.reshape(c.n_head_kv, rep, c.head_dim)
             bias = biases[c.sliding_window if c.swa_layers[i] else 0]
@@ -831,13 +851,14 @@ def _time_greedy(engine: CUDAEngine, ids: list[int], tokens: int, repeats: int,
 
 
 def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeats: int,
-               context: int | None = None) -> dict:
+               context: int | None = None, kv_cache: str | None = None) -> dict:
     """Decode tokens/s per sparsity level on the GPU, with bytes, GB/s and the bandwidth bound.
 
     The bound is (copy bandwidth measured in this run) / (weight bytes read per token): the
     tokens/s of a decoder that does nothing but stream its weights once per token. With
     ``context`` the prompt is that many tokens of built-in text, prefilled once per level; the
-    repeats then decode from the same saved position.
+    repeats then decode from the same saved position. ``kv_cache``: the engine's cache type
+    (None: its default).
     """
     from .bench import BENCH_PROMPT, bench_prompt_ids, is_synthetic, summarize, versions
 
@@ -850,7 +871,8 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
     ids = bench_prompt_ids(loaded.tokenizer, context)
     print(f"packing weights ({fmt}) on {torch.cuda.get_device_name(dev)} ...", file=sys.stderr)
     t0 = time.perf_counter()
-    engine = CUDAEngine(loaded, fmt=fmt, max_len=len(ids) + tokens + 16, device=dev)
+    engine = CUDAEngine(loaded, fmt=fmt, max_len=len(ids) + tokens + 16, device=dev,
+                        kv_cache=kv_cache)
     torch.cuda.synchronize(dev)
     pack_s = time.perf_counter() - t0
     copy_bw = copy_bandwidth(dev)
@@ -897,7 +919,7 @@ def bench_cuda(loaded, table, levels: list[float], fmt: str, tokens: int, repeat
         "prompt": BENCH_PROMPT if not context else None, "context": len(ids),
         "cuda_graph": True, "attn_splits": engine.attn_splits,
         "attn_group": engine.attn_group, "attn_group_splits": engine.attn_group_splits,
-        "attn_group_from": engine.attn_group_from,
+        "attn_group_from": engine.attn_group_from, "kv_cache": engine.kv_cache,
         "table": None if table is None else {"criterion": table.criterion},
         "weight_bytes_dense": dense_bytes, "head_bytes": engine.head.nbytes,
         "copy_bandwidth_GBps": copy_bw / 1e9, "pack_seconds": pack_s,

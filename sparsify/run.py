@@ -9,8 +9,9 @@ import click
 
 
 def run_generate(spec: str, prompt: str, n: int, temperature: float, seed: int,
-                 table: str | None, sparsity: float | None, device: str) -> None:
-    """Stream generated text to stdout; timing to stderr."""
+                 table: str | None, sparsity: float | None, device: str,
+                 kv_cache: str | None = None) -> None:
+    """Stream generated text to stdout; timing to stderr (``kv_cache``: cuda's cache type)."""
     from .generate import generate
     from .loader import load
 
@@ -25,7 +26,7 @@ def run_generate(spec: str, prompt: str, n: int, temperature: float, seed: int,
     m = load(spec)
     tok = m.tokenizer
     if device == "cuda":
-        _generate_cuda(m, prompt, n, temperature, seed, table, sparsity, t0)
+        _generate_cuda(m, prompt, n, temperature, seed, table, sparsity, t0, kv_cache)
         return
     model = m.model(device=device)
     if table is not None:
@@ -57,7 +58,7 @@ def run_generate(spec: str, prompt: str, n: int, temperature: float, seed: int,
 
 
 def _generate_cuda(m, prompt: str, n: int, temperature: float, seed: int, table: str | None,
-                   sparsity: float | None, t0: float) -> None:
+                   sparsity: float | None, t0: float, kv_cache: str | None = None) -> None:
     """Generation on the GPU decode engine (fp16 weights, one CUDA graph per token)."""
     import torch
 
@@ -70,7 +71,7 @@ def _generate_cuda(m, prompt: str, n: int, temperature: float, seed: int, table:
         from .errors import SparsifyError
 
         raise SparsifyError("the prompt encodes to no tokens")
-    engine = CUDAEngine(m, fmt="fp16", max_len=len(ids) + n)
+    engine = CUDAEngine(m, fmt="fp16", max_len=len(ids) + n, kv_cache=kv_cache)
     if table is not None:
         from .table import ThresholdTable
 

@@ -82,3 +82,12 @@ def test_bench_context_prompt_is_built_in_text(loaded):
     assert tok.decode(ids[1:40]) in heldout().text
     r = run("bench", "x.gguf", "--context", "0")
     assert r.returncode == 2 and "--context" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [("bench", "x.gguf"), ("generate", "x.gguf", "-p", "x")])
+def test_kv_cache_type_is_for_cuda(cmd):
+    """--kv-cache picks the GPU engine's cache type; on the CPU it is a usage error, named."""
+    r = run(*cmd, "--kv-cache", "f16")
+    assert r.returncode == 2 and "--kv-cache applies to --device cuda only" in r.stderr
+    r = run(*cmd, "--device", "cuda", "--kv-cache", "bf16")
+    assert r.returncode == 2 and "--kv-cache" in r.stderr

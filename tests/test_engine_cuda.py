@@ -319,7 +319,7 @@ def test_split_attention_follows_unsplit_at_long_context(models, group):
     and logits within float32 rounding of the combine, dense and sparse."""
     from sparsify_kernels import cuda as kc
 
-    from sparsify.engine_cuda import ATTN_GROUP_KEYS, CUDAEngine
+    from sparsify.engine_cuda import ATTN_GROUP_KEYS, ATTN_GROUP_KEYS_F16, CUDAEngine
 
     loaded = models("synthetic-small")
     cfg = loaded.cfg
@@ -338,7 +338,8 @@ def test_split_attention_follows_unsplit_at_long_context(models, group):
                                    group_heads=True) == -(-256 // rep)
     default = CUDAEngine(loaded, fmt="fp16", max_len=16, device=DEVICE)
     assert default.attn_splits == kc.attention_splits(cfg.n_head, default.device)
-    assert default.attn_group and default.attn_group_from == ATTN_GROUP_KEYS
+    assert default.attn_group and default.attn_group_from == (
+        ATTN_GROUP_KEYS_F16 if default.kv_cache == "f16" else ATTN_GROUP_KEYS)
     assert default.attn_group_splits == kc.attention_splits(cfg.n_head_kv, default.device)
     names = loaded.cfg.projection_names
     for thr in (None, {n: 0.02 * (1 + j % 3) for j, n in enumerate(names)}):
@@ -352,3 +353,62 @@ def test_split_attention_follows_unsplit_at_long_context(models, group):
         assert (split._graphs[2] is not None) == group and one._graphs[2] is None
         assert ts == to
         assert float((ls - lo).abs().max()) <= 1e-4 * float(lo.abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "glue"])
+def test_f16_kv_cache_follows_f32(models, fused):
+    """``kv_cache="f16"`` stores keys and values in float16: teacher-forced over a 700-token
+    prompt (every attention mode on CUDA: one block per head, split per query head from 512
+    keys, grouped from 600), its logits stay within 0.2% of the logit scale of the float32
+    cache's at every position looked at (2e-4 measured on the CPU glue), and differ from them
+    (the cache is float16 indeed). The fused kernel and the torch glue read the same float16
+    rows: they agree within float32 rounding, up to keys that the two round to either side of a
+    float16 tie (1e-3)."""
+    from sparsify.engine_cuda import CUDAEngine
+
+    if fused and DEVICE != "cuda":
+        pytest.skip("the fused step exists on CUDA only")
+    loaded = models("synthetic-small")
+    cfg = loaded.cfg
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, cfg.vocab_size, (700,), generator=g).tolist()
+    look = set(range(0, 700, 37)) | set(range(690, 700))
+    kw = {"fmt": "fp16", "max_len": 720, "device": DEVICE, "fused": fused}
+    if fused:
+        kw.update(attn_splits=4, attn_group_from=600)
+    half = CUDAEngine(loaded, kv_cache="f16", **kw)
+    full = CUDAEngine(loaded, kv_cache="f32", **kw)
+    assert half.kv_cache == "f16" and half.kc[0].dtype == torch.float16
+    assert full.kv_cache == "f32" and full.kc[0].dtype == torch.float32
+    assert half.fused == fused
+    engines = [half, full]
+    if fused:
+        glue = CUDAEngine(loaded, kv_cache="f16", fmt="fp16", max_len=720, device=DEVICE,
+                          fused=False)
+        engines.append(glue)
+    logits = [[] for _ in engines]
+    for eng in engines:
+        eng.set_thresholds(None)
+        eng.reset()
+    for pos, t in enumerate(ids):
+        for eng, out in zip(engines, logits):
+            lg = eng.step(t)
+            if pos in look:
+                out.append(lg.cpu().clone())
+    if fused:
+        assert half._graphs[1] is not None and half._graphs[2] is not None
+    h, f = torch.stack(logits[0]), torch.stack(logits[1])
+    scale = float(f.abs().max())
+    diff = float((h - f).abs().max())
+    assert 0 < diff <= 2e-3 * scale, (diff, scale)
+    if fused:
+        gl = torch.stack(logits[2])
+        assert float((h - gl).abs().max()) <= 1e-3 * scale
+    with pytest.raises(ValueError, match="KV cache type"):
+        CUDAEngine(loaded, kv_cache="bf16", fmt="fp16", max_len=16, device=DEVICE)
+    if fused:  # over float16 the split per query head keeps up longer (kernels/cuda/NOTES.md)
+        from sparsify.engine_cuda import ATTN_GROUP_KEYS, ATTN_GROUP_KEYS_F16
+
+        for kv, keys in (("f16", ATTN_GROUP_KEYS_F16), ("f32", ATTN_GROUP_KEYS)):
+            eng = CUDAEngine(loaded, kv_cache=kv, fmt="fp16", max_len=16, device=DEVICE)
+            assert eng.attn_group_from == keys

@@ -778,13 +778,15 @@ ATTN_CASES = [  # n_head, n_head_kv, dk, dv, max_len, pos, window, qk_norm, neox
 ]
 
 
-def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = False) -> None:
+def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = False,
+                    cache: torch.dtype = torch.float32) -> None:
     """The attention kernel on one case against the reference: q/k/v as one vector (rows = 0)
     or as `rows` unreduced split rows of the q/k/v GEMV, which the kernel adds (in its own fixed
     order) before use, against the reference on their float32 sum in row order; with `splits`,
     the visible keys cut into ranges over up to that many blocks per head (with `group`, per
-    key/value head, each block serving the group's query heads). Checks the output,
-    the new key and value at pos, and that no other cache entry moved."""
+    key/value head, each block serving the group's query heads); `cache` the caches' element
+    type. Checks the output, the new key and value at pos, and that no other cache entry
+    moved."""
     nh, nkv, dk, dv, L, pos, window, qk_norm, neox = case
     dev = torch.device("cuda")
     width = nh * dk + nkv * (dk + dv)
@@ -798,7 +800,8 @@ def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = Fal
     else:
         qkv = torch.randn(width, generator=gen)
         arg = qkv.to(dev)
-    kc_, vc_ = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
+    kc_ = torch.randn(nkv, L, dk, generator=gen).to(cache)
+    vc_ = torch.randn(nkv, L, dv, generator=gen).to(cache)
     # NaN wherever the kernel must not read: after pos, and before the window.
     t0 = max(0, pos - window + 1) if window else 0
     for c in (kc_, vc_):
@@ -822,6 +825,16 @@ def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = Fal
     torch.cuda.synchronize()
     got = out.double().cpu()
     assert not torch.isnan(got).any()
+    ks, vs = kd[:, pos].double().cpu(), vd[:, pos].double().cpu()
+    if cache == torch.float16:
+        # The kernel rounds its float32 key and value, the reference its float64 ones: where
+        # the two fall on either side of a float16 tie they differ by one float16 step (2^-10
+        # relative), and the kernel must then use its own rounding at pos, as it stores it.
+        for a, b in ((ks, kc_ref[:, pos]), (vs, vc_ref[:, pos])):
+            assert bool(((a - b).abs() <= 2.0 ** -10 * b.abs() + 2.0 ** -24).all())
+        out_ref, _, _ = ref_ops.attention_decode(
+            qkv, kc_, vc_, pos, cos, sin, perm, n_head=nh, scale=scale, eps=eps, window=window,
+            q_norm=qn, k_norm=kn, stored=(ks, vs))
     # float32 dot products of <= 512 terms and a softmax over <= 1025 keys land near 1e-6 of
     # the result's scale; a missing key, a wrong rotation or a wrong head is >= 1e-2.
     err = float((got - out_ref).abs().max() / out_ref.abs().max())
@@ -829,14 +842,16 @@ def check_attention(gen, case, rows: int = 0, splits: int = 1, group: bool = Fal
     # The cache: position pos holds the rotated key (float32 rounding; the rows' sum in another
     # order adds a few ulps) and the value (exact from one vector; from rows, their sum in the
     # kernel's order); every other entry is untouched, NaN included.
-    assert float((kd[:, pos].double().cpu() - kc_ref[:, pos]).abs().max()) < 1e-5 * float(
-        kc_ref[:, pos].abs().max())
-    if rows:
-        vs = vd[:, pos].double().cpu()
-        assert float((vs - vc_ref[:, pos]).abs().max()) <= rows * 4 * U32 * float(
-            buf.abs().sum(0).max())
-    else:
-        assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].float())
+    if cache == torch.float32:
+        assert float((ks - kc_ref[:, pos]).abs().max()) < 1e-5 * float(
+            kc_ref[:, pos].abs().max())
+        if rows:
+            assert float((vs - vc_ref[:, pos]).abs().max()) <= rows * 4 * U32 * float(
+                buf.abs().sum(0).max())
+        else:
+            assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].float())
+    elif not rows:  # one float32 value, rounded once the same way by both
+        assert torch.equal(vd[:, pos].cpu(), vc_ref[:, pos].half())
     others = torch.ones(L, dtype=torch.bool)
     others[pos] = False
     for got_c, want_c in ((kd, kc_), (vd, vc_)):
@@ -856,6 +871,13 @@ def test_attention_decode_matches_reference(gen, case):
                          ids=lambda c: "h{}-{}_d{}-{}".format(*c[:4]))
 def test_attention_decode_partial_rows(gen, case, rows):
     check_attention(gen, case, rows)
+
+
+@on_gpu
+@pytest.mark.parametrize("rows", [0, 22])
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
+def test_attention_decode_half_cache_matches_reference(gen, case, rows):
+    check_attention(gen, case, rows, cache=torch.float16)
 
 
 # Split-KV cases: long enough for several ranges of 256 keys (or of fewer, under
@@ -896,17 +918,20 @@ GROUP_CASES = SPLIT_CASES + [
 def test_attention_decode_split_matches_reference(gen, case, splits, keys, group, monkeypatch):
     monkeypatch.setenv("SPARSIFY_ATTN_SPLIT_KEYS", keys)
     check_attention(gen, case, splits=splits, group=group)
-    # as in decode: q/k/v as 22 split rows
+    # as in decode: q/k/v as 22 split rows, and with a float16 cache
     check_attention(gen, case, rows=22, splits=splits, group=group)
+    check_attention(gen, case, rows=22, splits=splits, group=group, cache=torch.float16)
 
 
 @on_gpu
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("rows", [0, 22])
 @pytest.mark.parametrize("generic", ["0", "1"])
-def test_attention_decode_grouped_one_range_is_unsplit(gen, rows, generic, monkeypatch):
+def test_attention_decode_grouped_one_range_is_unsplit(gen, rows, generic, cache, monkeypatch):
     """With one range (splits = 1, any position) the grouped kernel forms every sum of a head
     in the unsplit kernel's order: the outputs and caches are equal bit for bit, for every
-    attention case, q/k/v as one vector or as partial rows, compiled head sizes or not."""
+    attention case, q/k/v as one vector or as partial rows, compiled head sizes or not, float32
+    and float16 caches."""
     monkeypatch.setenv("SPARSIFY_ATTN_GENERIC", generic)
     dev = torch.device("cuda")
     cases = ATTN_CASES + [  # groups of 3, 5 and 8 (shorter caches: one range holds every score)
@@ -918,8 +943,8 @@ def test_attention_decode_grouped_one_range_is_unsplit(gen, rows, generic, monke
         width = nh * dk + nkv * (dk + dv)
         qkv = (torch.randn(rows, width, generator=gen) / 4 if rows
                else torch.randn(width, generator=gen)).to(dev)
-        kc0 = torch.randn(nkv, L, dk, generator=gen).to(dev)
-        vc0 = torch.randn(nkv, L, dv, generator=gen).to(dev)
+        kc0 = torch.randn(nkv, L, dk, generator=gen).to(dev, cache)
+        vc0 = torch.randn(nkv, L, dv, generator=gen).to(dev, cache)
         cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, neox))
         norms = ({"q_norm": (torch.rand(dk, generator=gen) + 0.5).to(dev),
                   "k_norm": (torch.rand(dk, generator=gen) + 0.5).to(dev)} if qk_norm else {})
@@ -1037,12 +1062,26 @@ def test_attention_decode_split_arguments(gen, monkeypatch):
                                       group_heads=True)
     assert kc.attention_supported(dk, dk, L, dev, n_head=nh, n_head_kv=nkv, splits=2,
                                   group_heads=True)
+    # Cache types: float32 or float16, the same for both; the float16 launch's extra shared
+    # memory is counted.
+    with pytest.raises(ValueError, match="vc is torch.float16 but kc is torch.float32"):
+        kc.attention_decode(qkv, kd, vd.half(), pos, cos, sin, perm, out, n_head=nh, scale=0.25)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        kc.attention_decode(qkv, kd.bfloat16(), vd.bfloat16(), pos, cos, sin, perm, out,
+                            n_head=nh, scale=0.25)
+    assert not kc.attention_supported(dk, dk, L, dev, cache_dtype=torch.bfloat16)
+    lib = kc.load(dev)
+    f32 = lib.sparsify_attention_launch_smem_bytes(128, 128, 4096, 32, 8, 4, 0)
+    f16 = lib.sparsify_attention_launch_smem_bytes(128, 128, 4096, 32, 8, 4, kc.ATTN_CACHE_F16)
+    assert f16 - f32 == 512  # (128 + 128) halves
+    assert lib.sparsify_attention_launch_smem_bytes(128, 128, 4096, 32, 8, 4, 8) == 0
 
 
 @on_gpu
 @pytest.mark.parametrize("case", [c for c in ATTN_CASES if c[2] == c[3] and c[2] in (64, 128, 256)],
                          ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
-def test_attention_decode_specialised_kernel_matches_run_time_one(gen, case, monkeypatch):
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attention_decode_specialised_kernel_matches_run_time_one(gen, case, cache, monkeypatch):
     """Head dimensions 64 / 128 / 256 run a kernel compiled for them; SPARSIFY_ATTN_GENERIC=1
     makes the launch take the one that reads them at run time. Same arithmetic in the same
     order: the output and the cache agree bit for bit, from 22 partial rows as in decode."""
@@ -1050,7 +1089,7 @@ def test_attention_decode_specialised_kernel_matches_run_time_one(gen, case, mon
     dev = torch.device("cuda")
     rows, width = 22, nh * dk + nkv * (dk + dv)
     buf = (torch.randn(rows, width + 5, generator=gen) / math.sqrt(rows)).to(dev)
-    kc0, vc0 = (torch.randn(nkv, L, d, generator=gen).to(dev) for d in (dk, dv))
+    kc0, vc0 = (torch.randn(nkv, L, d, generator=gen).to(dev, cache) for d in (dk, dv))
     cos, sin, perm = (t.to(dev) for t in rope_tables(gen, L, dk, neox))
     qn, kn = ((torch.rand(dk, generator=gen) + 0.5).to(dev) if qk_norm else None
               for _ in range(2))

@@ -609,21 +609,23 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, weight: torch.Tensor, 
 
 def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | int | str, *,
                         n_head: int | None = None, n_head_kv: int | None = None,
-                        splits: int = 1, group_heads: bool = False) -> bool:
-    """Whether :func:`attention_decode` runs these sizes on ``device`` (see decode_ops.h): with
-    the head counts, for a launch with ``splits`` and ``group_heads`` as given; without them,
-    for every ``splits`` without grouping."""
+                        splits: int = 1, group_heads: bool = False,
+                        cache_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether :func:`attention_decode` runs these sizes on ``device`` (see decode_ops.h) with a
+    cache of ``cache_dtype`` (float32 or float16): with the head counts, for a launch with
+    ``splits`` and ``group_heads`` as given; without them, for every ``splits`` without
+    grouping (the unsplit launch needs the most shared memory)."""
     if dk % 4 or dv % 4 or not (0 < dk <= 512 and 0 < dv <= 512) or max_len < 1:
         return False
-    lib = load(device)
+    if cache_dtype not in CACHE_DTYPES:
+        return False
+    flags = _attn_flags(group_heads=group_heads, cache_dtype=cache_dtype)
     if n_head is None:
-        smem = int(lib.sparsify_attention_smem_bytes(dk, dv, max_len))
-    else:
-        smem = int(lib.sparsify_attention_launch_smem_bytes(
-            dk, dv, max_len, int(n_head), int(n_head_kv or n_head), int(splits),
-            ATTN_GROUP_HEADS if group_heads else 0))
-        if smem == 0:
-            return False
+        n_head, n_head_kv, splits = 1, 1, 1
+    smem = int(load(device).sparsify_attention_launch_smem_bytes(
+        dk, dv, max_len, int(n_head), int(n_head_kv or n_head), int(splits), flags))
+    if smem == 0:
+        return False
     props = torch.cuda.get_device_properties(device)
     limit = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
     # room for the kernels' static shared memory: 0.6 KB, grouped 5.3 KB at most
@@ -633,7 +635,18 @@ def attention_supported(dk: int, dv: int, max_len: int, device: torch.device | i
 MAX_ATTN_SPLITS = 64  # decode_ops.h
 MAX_GROUP_HEADS = 8
 """Query heads per key/value head that ``group_heads`` takes (decode_ops.cu)."""
+ATTN_PREFETCH_CACHE = 1  # SPARSIFY_ATTN_PREFETCH_CACHE
 ATTN_GROUP_HEADS = 2  # SPARSIFY_ATTN_GROUP_HEADS
+ATTN_CACHE_F16 = 4  # SPARSIFY_ATTN_CACHE_F16
+CACHE_DTYPES = (torch.float32, torch.float16)
+"""Element types of the KV cache :func:`attention_decode` reads and writes."""
+
+
+def _attn_flags(*, prefetch_cache: bool = False, group_heads: bool = False,
+                cache_dtype: torch.dtype = torch.float32) -> int:
+    return ((ATTN_PREFETCH_CACHE if prefetch_cache else 0)
+            | (ATTN_GROUP_HEADS if group_heads else 0)
+            | (ATTN_CACHE_F16 if cache_dtype == torch.float16 else 0))
 
 
 def attention_splits(n_head: int, device: torch.device | int | str) -> int:
@@ -652,7 +665,7 @@ def attention_split_keys(splits: int, device: torch.device | int | str | None = 
     twice this many visible keys on."""
     _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
     keys = int(load(device).sparsify_attention_split_keys(
-        int(n_head), int(n_head_kv), int(splits), ATTN_GROUP_HEADS if group_heads else 0))
+        int(n_head), int(n_head_kv), int(splits), _attn_flags(group_heads=group_heads)))
     _check(keys > 0, f"no split rule for n_head={n_head}, n_head_kv={n_head_kv}")
     return keys
 
@@ -681,8 +694,10 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
         qkv: (n_head*dk + n_head_kv*(dk + dv),) float32: q heads, k heads, v heads; or
             (P, that width) with unit column stride: P partial rows (the unreduced splits of a
             q/k/v GEMV with partial outputs), added in the kernel.
-        kc, vc: (n_head_kv, max_len, dk) and (n_head_kv, max_len, dv) float32 caches; position
-            ``pos`` is written (k normed and rotated, v as is).
+        kc, vc: (n_head_kv, max_len, dk) and (n_head_kv, max_len, dv) caches, both float32
+            or both float16; position ``pos`` is written (k normed and rotated, v as is;
+            float16 rounded to nearest, and the step itself then uses the rounded new key and
+            value, as later steps read them back). Sums are float32 either way.
         pos: (1,) int64 device position, read when the kernel runs.
         cos, sin: (max_len, dk) float32 RoPE tables, perm (dk,) int32 partner index:
             ``x' = x * cos[pos] + x[perm] * sin[pos]``.
@@ -714,8 +729,9 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
     _check(tuple(vc.shape[:2]) == (hkv, L), f"vc shape {tuple(vc.shape)} does not match kc's")
     _check(n_head >= 1 and n_head % hkv == 0, f"n_head {n_head} is not a multiple of {hkv}")
     for t, name in ((kc, "kc"), (vc, "vc")):
-        _check(t.dtype == torch.float32 and t.is_contiguous() and t.device == dev,
-               f"{name} must be contiguous float32 on {dev}")
+        _check(t.dtype in CACHE_DTYPES and t.is_contiguous() and t.device == dev,
+               f"{name} must be contiguous float32 or float16 on {dev}")
+    _check(vc.dtype == kc.dtype, f"vc is {vc.dtype} but kc is {kc.dtype}")
     parts, stride = _check_rows(qkv, "qkv", n_head * dk + hkv * (dk + dv), dev)
     _check_vec(out, "out", (n_head * dv,), dev)
     _check_vec(cos, "cos", (L, dk), dev)
@@ -735,7 +751,7 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
                f"not {n_head // hkv}")
     _check(1 <= splits <= MAX_ATTN_SPLITS, f"splits must be 1 to {MAX_ATTN_SPLITS}, got {splits}")
     _check(attention_supported(dk, dv, L, dev, n_head=n_head, n_head_kv=hkv, splits=int(splits),
-                               group_heads=group_heads),
+                               group_heads=group_heads, cache_dtype=kc.dtype),
            f"attention_decode does not run dk={dk}, dv={dv}, max_len={L} (decode_ops.h limits)")
     nxt = None
     if next_w is not None:
@@ -769,7 +785,8 @@ def attention_decode(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos:
             cos.data_ptr(), sin.data_ptr(), perm.data_ptr(), _ptr(q_norm), _ptr(k_norm),
             out.data_ptr(), n_head, hkv, dk, dv, L, int(window), float(scale), float(eps),
             ctypes.byref(nxt) if nxt is not None else None,
-            (1 if prefetch_cache else 0) | (ATTN_GROUP_HEADS if group_heads else 0),
+            _attn_flags(prefetch_cache=prefetch_cache, group_heads=group_heads,
+                        cache_dtype=kc.dtype),
             int(splits), ws_ptr, ws_bytes, stream)
     _raise_on(rc, f"attention_decode launch (heads {n_head}/{hkv}, dk={dk}, dv={dv}, L={L})")
     return out

@@ -10,6 +10,7 @@
 // head to arrive combines (split-KV, as in flash-decoding).
 #include "decode_ops.h"
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdlib.h>
@@ -112,8 +113,8 @@ __global__ void __launch_bounds__(kNormThreads)
 
 struct AttnParams {
   const float *qkv;
-  float *kc;
-  float *vc;
+  void *kc;  // float, or __half with SPARSIFY_ATTN_CACHE_F16 (the kernel's C)
+  void *vc;
   const long long *pos;
   const float *cos_t;
   const float *sin_t;
@@ -145,35 +146,64 @@ struct AttnParams {
 // Before the wait for the previous kernel (SPARSIFY_ATTN_PREFETCH_CACHE): start fetching into
 // L2 the cache rows this block will read, positions a .. b - 1 (a <= b <= pos: earlier steps
 // wrote them); the rep query heads of a group take a share each.
+template <typename C>
 __device__ __forceinline__ void prefetch_cache_range(const AttnParams &p, int a, int b, int h,
                                                      int g, int rep, int dk, int dv) {
   const int share = (b - a + rep - 1) / rep;
   const int r0 = a + (h % rep) * share;
   const int r1 = min(b, r0 + share);
   if (r1 <= r0) return;
-  // 16 KB pieces, one per thread: 16-byte aligned, since dk and dv are multiples of 4
+  // 16 KB pieces, one per thread: 16-byte aligned for float rows, since dk and dv are
+  // multiples of 4; for half rows when they are multiples of 8 (else one prefetch per line)
   constexpr unsigned kPiece = 16384;
+  const bool bulk = sizeof(C) == 4 || (dk % 8 == 0 && dv % 8 == 0);
   const char *ranges[2] = {
-      reinterpret_cast<const char *>(p.kc + (static_cast<size_t>(g) * p.max_len + r0) * dk),
-      reinterpret_cast<const char *>(p.vc + (static_cast<size_t>(g) * p.max_len + r0) * dv)};
-  const size_t bytes[2] = {static_cast<size_t>(r1 - r0) * dk * 4,
-                           static_cast<size_t>(r1 - r0) * dv * 4};
+      reinterpret_cast<const char *>(static_cast<const C *>(p.kc) +
+                                     (static_cast<size_t>(g) * p.max_len + r0) * dk),
+      reinterpret_cast<const char *>(static_cast<const C *>(p.vc) +
+                                     (static_cast<size_t>(g) * p.max_len + r0) * dv)};
+  const size_t bytes[2] = {static_cast<size_t>(r1 - r0) * dk * sizeof(C),
+                           static_cast<size_t>(r1 - r0) * dv * sizeof(C)};
   for (int c = 0; c < 2; ++c) {
     for (size_t o = static_cast<size_t>(threadIdx.x) * kPiece; o < bytes[c];
          o += static_cast<size_t>(kAttnThreads) * kPiece) {
       const size_t left = bytes[c] - o;
       prefetch_l2_range(ranges[c] + o, static_cast<unsigned>(left < kPiece ? left : kPiece),
-                        true);
+                        bulk);
     }
   }
 }
 
 // The same for a block that reads every visible key, t0 .. pos - 1.
+template <typename C>
 __device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos, int h, int g,
                                                     int rep, int dk, int dv) {
   if (pos <= 0) return;  // pos < max_len: checked by the caller
   const int t0 = p.window > 0 ? max(0, pos - p.window + 1) : 0;
-  prefetch_cache_range(p, t0, pos, h, g, rep, dk, dv);
+  prefetch_cache_range<C>(p, t0, pos, h, g, rep, dk, dv);
+}
+
+// Four consecutive elements of a cache row (4 * c .. 4 * c + 3) as floats: one 16-byte load
+// of a float row, one 8-byte load of a half row.
+__device__ __forceinline__ float4 load_row4(const float *row, int c) {
+  return reinterpret_cast<const float4 *>(row)[c];
+}
+
+__device__ __forceinline__ float4 load_row4(const __half *row, int c) {
+  const uint2 u = reinterpret_cast<const uint2 *>(row)[c];
+  const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// A half cache element as stored: rounded to nearest.
+__device__ __forceinline__ void to_cache(__half *dst, float v) { *dst = __float2half_rn(v); }
+
+// Shared floats of the half copies of the new key and value that a kernel with a half cache
+// reads at position pos (the values the cache holds there), 16-byte aligned.
+template <typename C>
+__host__ __device__ constexpr int new_row_floats(int dk, int dv) {
+  return sizeof(C) == 4 ? 0 : ((dk + dv) / 2 + 3) & ~3;
 }
 
 // Head h's result o for feature i (of dv), written to out (the head's row); with `next`, the row of the projection that
@@ -201,8 +231,11 @@ __device__ __forceinline__ void write_head_output(const AttnParams &p, float *ou
 // common shapes), so that every index, loop bound and group count below folds into the code;
 // 0: read from p. The arithmetic is the same either way. SPLIT: the split-KV kernel (a grid of
 // p.splits blocks per head); without it one block per head sees every visible key, and the code
-// below is exactly that of the kernel before split-KV existed.
-template <int DK, int DV, bool SPLIT>
+// below is exactly that of the kernel before split-KV existed. C: the cache's element type,
+// float or __half (SPARSIFY_ATTN_CACHE_F16); with __half the new key and value are rounded as
+// the cache stores them before this block uses them, so the step at pos sees what later steps
+// read back; sums are float32 either way.
+template <int DK, int DV, bool SPLIT, typename C>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParams p) {
   extern __shared__ float4 smem4[];
   float *sm = reinterpret_cast<float *>(smem4);
@@ -216,6 +249,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   float *s = vn + dv;   // (score_cap rounded up to 4) scores, then softmax numerators
   // (kPartFloats) value-phase partial sums
   float *part = s + (((SPLIT ? p.score_cap : p.max_len) + 3) & ~3);
+  // (new_row_floats) half cache: the new key and value as stored (a float cache: kr and vn)
+  C *knew = sizeof(C) == 4 ? reinterpret_cast<C *>(kr)
+                           : reinterpret_cast<C *>(part + kPartFloats);
+  C *vnew = sizeof(C) == 4 ? reinterpret_cast<C *>(vn) : knew + dk;
   __shared__ float red[32];
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -258,10 +295,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
     if (p.prefetch_cache && pos_ok) {
       const int a = t0 + ja;
       const int b = min(pos, t0 + jb);
-      if (b > a) prefetch_cache_range(p, a, b, h, g, rep, dk, dv);
+      if (b > a) prefetch_cache_range<C>(p, a, b, h, g, rep, dk, dv);
     }
   } else {
-    if (p.prefetch_cache && pos_ok) prefetch_cache_rows(p, pos, h, g, rep, dk, dv);
+    if (p.prefetch_cache && pos_ok) prefetch_cache_rows<C>(p, pos, h, g, rep, dk, dv);
   }
   wait_previous_grid(p.wait);
 
@@ -340,15 +377,19 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   if (tid < dk) {
     qr[tid] = q[tid] * rc + q[rj] * rs;
     kr[tid] = k[tid] * rc + k[rj] * rs;
+    if constexpr (sizeof(C) != 4) to_cache(knew + tid, kr[tid]);
+  }
+  if constexpr (sizeof(C) != 4) {
+    for (int i = tid; i < dv; i += kAttnThreads) to_cache(vnew + i, vn[i]);
   }
   __syncthreads();
-  const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
-  const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
+  const C *kbase = static_cast<const C *>(p.kc) + static_cast<size_t>(g) * p.max_len * dk;
+  const C *vbase = static_cast<const C *>(p.vc) + static_cast<size_t>(g) * p.max_len * dv;
   if (h % rep == 0 && sp == 0) {  // one block per group writes the cache; none reads pos
-    float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
-    float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
-    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
-    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
+    C *kdst = static_cast<C *>(p.kc) + (static_cast<size_t>(g) * p.max_len + pos) * dk;
+    C *vdst = static_cast<C *>(p.vc) + (static_cast<size_t>(g) * p.max_len + pos) * dv;
+    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = knew[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vnew[i];
   }
 
   if constexpr (!SPLIT) {
@@ -360,34 +401,39 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const int tb = t0 + ja;
   const int ipos = pos;
 
-  // Scores: warp w takes keys w*K .. w*K + K - 1 (K = kKeysPerWarp), then the next 32*K; lanes
+  // Loads in flight: kKeysPerWarp keys per warp and kValuesPerThread value rows per thread;
+  // twice as many of half rows in the split kernel, for the bytes in flight of float rows (on
+  // an H200 at 4097 keys: 29.3 us a layer with four, 19.7 with eight, float rows 26.9; one
+  // block per head, at 65 keys: 5.1 with four, 5.9 with eight; kernels/cuda/NOTES.md H24-H25).
+  // The order of every sum is the same for any count.
+  constexpr bool kWide = sizeof(C) != 4 && SPLIT;
+  constexpr int kKeys = kWide ? 2 * kKeysPerWarp : kKeysPerWarp;
+  constexpr int kValues = kWide ? 2 * kValuesPerThread : kValuesPerThread;
+  // Scores: warp w takes keys w*K .. w*K + K - 1 (K = kKeys), then the next 32*K; lanes
   // cover the head dimension in float4s. Indices past the end are clamped to the last key (a
   // valid row), so all K loads issue unconditionally and only the store is skipped.
   const float4 *q4 = reinterpret_cast<const float4 *>(qr);
-  const float4 *kr4 = reinterpret_cast<const float4 *>(kr);
   const int n4k = dk / 4;
-  for (int j0 = warp * kKeysPerWarp; j0 < nl; j0 += kAttnWarps * kKeysPerWarp) {
-    float dot[kKeysPerWarp];
+  for (int j0 = warp * kKeys; j0 < nl; j0 += kAttnWarps * kKeys) {
+    float dot[kKeys];
 #pragma unroll
-    for (int u = 0; u < kKeysPerWarp; ++u) dot[u] = 0.0f;
+    for (int u = 0; u < kKeys; ++u) dot[u] = 0.0f;
     for (int c = lane; c < n4k; c += 32) {
       const float4 qv = q4[c];
-      float4 kv[kKeysPerWarp];
+      float4 kv[kKeys];
 #pragma unroll
-      for (int u = 0; u < kKeysPerWarp; ++u) {
+      for (int u = 0; u < kKeys; ++u) {
         const int t = tb + min(j0 + u, nl - 1);
-        const float4 *row = (t == ipos) ? kr4
-                                        : reinterpret_cast<const float4 *>(
-                                              kbase + static_cast<size_t>(t) * dk);
-        kv[u] = row[c];
+        const C *row = (t == ipos) ? knew : kbase + static_cast<size_t>(t) * dk;
+        kv[u] = load_row4(row, c);
       }
 #pragma unroll
-      for (int u = 0; u < kKeysPerWarp; ++u) {
+      for (int u = 0; u < kKeys; ++u) {
         dot[u] += qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
       }
     }
 #pragma unroll
-    for (int u = 0; u < kKeysPerWarp; ++u) {
+    for (int u = 0; u < kKeys; ++u) {
       const float v = warp_sum(dot[u]);
       if (lane == 0 && j0 + u < nl) s[j0 + u] = v * p.scale;  // the model: (q k^T) * scale
     }
@@ -411,24 +457,21 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   const int groups = kAttnThreads / nchunk;
   const int grp = tid / nchunk;
   const int c = tid % nchunk;
-  const float4 *vnew4 = reinterpret_cast<const float4 *>(vn);
   if (grp < groups) {
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int j = grp; j < nl; j += groups * kValuesPerThread) {
-      float4 v[kValuesPerThread];
-      float wt[kValuesPerThread];
+    for (int j = grp; j < nl; j += groups * kValues) {
+      float4 v[kValues];
+      float wt[kValues];
 #pragma unroll
-      for (int u = 0; u < kValuesPerThread; ++u) {
+      for (int u = 0; u < kValues; ++u) {
         const int jj = min(j + u * groups, nl - 1);
         const int t = tb + jj;
-        const float4 *row = (t == ipos) ? vnew4
-                                        : reinterpret_cast<const float4 *>(
-                                              vbase + static_cast<size_t>(t) * dv);
-        v[u] = row[c];
+        const C *row = (t == ipos) ? vnew : vbase + static_cast<size_t>(t) * dv;
+        v[u] = load_row4(row, c);
         wt[u] = (j + u * groups < nl) ? s[jj] : 0.0f;
       }
 #pragma unroll
-      for (int u = 0; u < kValuesPerThread; ++u) {
+      for (int u = 0; u < kValues; ++u) {
         acc.x += wt[u] * v[u].x;
         acc.y += wt[u] * v[u].y;
         acc.z += wt[u] * v[u].z;
@@ -528,8 +571,8 @@ __device__ void block_reduce_n(float (&v)[R], int n, float *red) {
 // (the same per-element order for the partial q/k/v rows, the same dot products and butterflies,
 // the same value rows per thread in the same order), so with one range the result is bit for bit
 // that kernel's. R = 4 keeps 4 keys per warp and 4 value rows per thread in flight, R = 8 two
-// each (registers: 1024 threads have 64 each).
-template <int DK, int DV, int R>
+// each (registers: 1024 threads have 64 each). C: the cache's element type, as there.
+template <int DK, int DV, int R, typename C>
 __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const AttnParams p) {
   constexpr int kKeys = R > 4 ? 2 : kKeysPerWarp;
   constexpr int kValues = R > 4 ? 2 : kValuesPerThread;
@@ -546,6 +589,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
   float *vn = kr + dk;            // (dv) the new value
   float *s = vn + dv;             // (rep, cap) scores, then softmax numerators
   float *part = s + rep * cap;    // (rep, kPartFloats) value-phase partial sums
+  // (new_row_floats) half cache: the new key and value as stored (a float cache: kr and vn)
+  C *knew = sizeof(C) == 4 ? reinterpret_cast<C *>(kr)
+                           : reinterpret_cast<C *>(part + rep * kPartFloats);
+  C *vnew = sizeof(C) == 4 ? reinterpret_cast<C *>(vn) : knew + dk;
   __shared__ float red[32 * (R + 1)];  // R + 1 values: the q/k norms' sums
   __shared__ float hm[R], hl[R];  // each head's maximum and denominator over the range
   const int tid = threadIdx.x;
@@ -575,7 +622,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
   if (p.prefetch_cache && pos_ok) {
     const int a = t0 + ja;
     const int b = min(pos, t0 + jb);
-    if (b > a) prefetch_cache_range(p, a, b, 0, g, 1, dk, dv);  // the whole range: one block
+    if (b > a) prefetch_cache_range<C>(p, a, b, 0, g, 1, dk, dv);  // the whole range: one block
   }
   wait_previous_grid(p.wait);
 
@@ -669,22 +716,25 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
       if (r < rep) qr[r * dk + tid] = q[r * dk + tid] * rc + q[r * dk + rj] * rs;
     }
     kr[tid] = k[tid] * rc + k[rj] * rs;
+    if constexpr (sizeof(C) != 4) to_cache(knew + tid, kr[tid]);
+  }
+  if constexpr (sizeof(C) != 4) {
+    for (int i = tid; i < dv; i += kAttnThreads) to_cache(vnew + i, vn[i]);
   }
   __syncthreads();
-  const float *kbase = p.kc + static_cast<size_t>(g) * p.max_len * dk;
-  const float *vbase = p.vc + static_cast<size_t>(g) * p.max_len * dv;
+  const C *kbase = static_cast<const C *>(p.kc) + static_cast<size_t>(g) * p.max_len * dk;
+  const C *vbase = static_cast<const C *>(p.vc) + static_cast<size_t>(g) * p.max_len * dv;
   if (sp == 0) {  // one block per group writes the cache; none reads pos from it
-    float *kdst = p.kc + (static_cast<size_t>(g) * p.max_len + pos) * dk;
-    float *vdst = p.vc + (static_cast<size_t>(g) * p.max_len + pos) * dv;
-    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = kr[i];
-    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vn[i];
+    C *kdst = static_cast<C *>(p.kc) + (static_cast<size_t>(g) * p.max_len + pos) * dk;
+    C *vdst = static_cast<C *>(p.vc) + (static_cast<size_t>(g) * p.max_len + pos) * dv;
+    for (int i = tid; i < dk; i += kAttnThreads) kdst[i] = knew[i];
+    for (int i = tid; i < dv; i += kAttnThreads) vdst[i] = vnew[i];
   }
   const int nl = jb - ja;
   const int tb = t0 + ja;
 
   // Scores: as attention_kernel, each key row loaded once for all the group's heads.
   const float4 *q4 = reinterpret_cast<const float4 *>(qr);
-  const float4 *kr4 = reinterpret_cast<const float4 *>(kr);
   const int n4k = dk / 4;
   for (int j0 = warp * kKeys; j0 < nl; j0 += kAttnWarps * kKeys) {
     float dot[R][kKeys];
@@ -698,10 +748,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
 #pragma unroll
       for (int u = 0; u < kKeys; ++u) {
         const int t = tb + min(j0 + u, nl - 1);
-        const float4 *row = (t == pos) ? kr4
-                                       : reinterpret_cast<const float4 *>(
-                                             kbase + static_cast<size_t>(t) * dk);
-        kv[u] = row[c];
+        const C *row = (t == pos) ? knew : kbase + static_cast<size_t>(t) * dk;
+        kv[u] = load_row4(row, c);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -766,7 +814,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
   const int groups = kAttnThreads / nchunk;
   const int grp = tid / nchunk;
   const int c = tid % nchunk;
-  const float4 *vnew4 = reinterpret_cast<const float4 *>(vn);
   if (grp < groups) {
     float4 acc[R];
 #pragma unroll
@@ -777,10 +824,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_group_kernel(const Att
       for (int u = 0; u < kValues; ++u) {
         const int jj = min(j + u * groups, nl - 1);
         const int t = tb + jj;
-        const float4 *row = (t == pos) ? vnew4
-                                       : reinterpret_cast<const float4 *>(
-                                             vbase + static_cast<size_t>(t) * dv);
-        v[u] = row[c];
+        const C *row = (t == pos) ? vnew : vbase + static_cast<size_t>(t) * dv;
+        v[u] = load_row4(row, c);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -877,37 +922,50 @@ bool aligned(const void *ptr, size_t b) { return reinterpret_cast<uintptr_t>(ptr
 
 using AttnKernel = void (*)(AttnParams);
 
-template <bool SPLIT>
+template <bool SPLIT, typename C>
 AttnKernel attention_kernel_for(int dk, int dv) {
   if (env_int("SPARSIFY_ATTN_GENERIC") == 0 && dk == dv) {
     switch (dk) {
-      case 64: return attention_kernel<64, 64, SPLIT>;
-      case 128: return attention_kernel<128, 128, SPLIT>;
-      case 256: return attention_kernel<256, 256, SPLIT>;
+      case 64: return attention_kernel<64, 64, SPLIT, C>;
+      case 128: return attention_kernel<128, 128, SPLIT, C>;
+      case 256: return attention_kernel<256, 256, SPLIT, C>;
       default: break;
     }
   }
-  return attention_kernel<0, 0, SPLIT>;
+  return attention_kernel<0, 0, SPLIT, C>;
 }
 
 constexpr int kMaxGroupHeads = 8;  // query heads per group for SPARSIFY_ATTN_GROUP_HEADS
 
-template <int R>
+template <int R, typename C>
 AttnKernel attention_group_kernel_for_r(int dk, int dv) {
   if (env_int("SPARSIFY_ATTN_GENERIC") == 0 && dk == dv) {
     switch (dk) {
-      case 64: return attention_group_kernel<64, 64, R>;
-      case 128: return attention_group_kernel<128, 128, R>;
-      case 256: return attention_group_kernel<256, 256, R>;
+      case 64: return attention_group_kernel<64, 64, R, C>;
+      case 128: return attention_group_kernel<128, 128, R, C>;
+      case 256: return attention_group_kernel<256, 256, R, C>;
       default: break;
     }
   }
-  return attention_group_kernel<0, 0, R>;
+  return attention_group_kernel<0, 0, R, C>;
 }
 
-AttnKernel attention_group_kernel_for(int dk, int dv, int rep) {
-  return rep <= 4 ? attention_group_kernel_for_r<4>(dk, dv)
-                  : attention_group_kernel_for_r<kMaxGroupHeads>(dk, dv);
+template <typename C>
+AttnKernel attention_kernel_for(int dk, int dv, bool grouped, int rep, int splits) {
+  if (grouped) {
+    return rep <= 4 ? attention_group_kernel_for_r<4, C>(dk, dv)
+                    : attention_group_kernel_for_r<kMaxGroupHeads, C>(dk, dv);
+  }
+  return splits > 1 ? attention_kernel_for<true, C>(dk, dv)
+                    : attention_kernel_for<false, C>(dk, dv);
+}
+
+// The kernel of a launch with these arguments (validated by the caller).
+AttnKernel attention_kernel_for(int dk, int dv, int rep, int splits, int flags) {
+  const bool grouped = (flags & SPARSIFY_ATTN_GROUP_HEADS) != 0;
+  return (flags & SPARSIFY_ATTN_CACHE_F16) != 0
+             ? attention_kernel_for<__half>(dk, dv, grouped, rep, splits)
+             : attention_kernel_for<float>(dk, dv, grouped, rep, splits);
 }
 
 cudaError_t device_major(int *major) {
@@ -969,17 +1027,19 @@ int score_cap(int max_len, int splits, int min_keys) {
   return std::min(max_len, std::max(2 * min_keys - 1, (max_len + splits - 1) / splits));
 }
 
-// q, k, their rotations, the new value, the scores, the value phase's partial sums
-size_t attention_smem_bytes(int dk, int dv, int cap) {
+// q, k, their rotations, the new value, the scores, the value phase's partial sums; for a
+// half cache (extra = new_row_floats), the new key and value as stored
+size_t attention_smem_bytes(int dk, int dv, int cap, int extra = 0) {
   return (static_cast<size_t>(4) * dk + dv + ((static_cast<size_t>(cap) + 3) & ~size_t{3}) +
-          kPartFloats) * sizeof(float);
+          kPartFloats + extra) * sizeof(float);
 }
 
 // The grouped kernel's: rep heads' q and rotated q, the new key twice, the new value, rep
-// heads' scores and value-phase partial sums.
-size_t attention_group_smem_bytes(int dk, int dv, int cap, int rep) {
+// heads' scores and value-phase partial sums, then as above.
+size_t attention_group_smem_bytes(int dk, int dv, int cap, int rep, int extra = 0) {
   return (static_cast<size_t>(2 * rep + 2) * dk + dv +
-          static_cast<size_t>(rep) * (((static_cast<size_t>(cap) + 3) & ~size_t{3}) + kPartFloats)) *
+          static_cast<size_t>(rep) * (((static_cast<size_t>(cap) + 3) & ~size_t{3}) + kPartFloats) +
+          extra) *
          sizeof(float);
 }
 
@@ -992,10 +1052,14 @@ size_t launch_smem_bytes(int dk, int dv, int max_len, int n_head, int n_head_kv,
   }
   const int cap = score_cap(max_len, splits,
                             min_split_keys(splits, block_heads(n_head, n_head_kv, flags)));
-  if ((flags & SPARSIFY_ATTN_GROUP_HEADS) == 0) return attention_smem_bytes(dk, dv, cap);
+  const int extra = (flags & SPARSIFY_ATTN_CACHE_F16) != 0 ? new_row_floats<__half>(dk, dv) : 0;
+  if ((flags & SPARSIFY_ATTN_GROUP_HEADS) == 0) return attention_smem_bytes(dk, dv, cap, extra);
   const int rep = n_head / n_head_kv;
-  return rep <= kMaxGroupHeads ? attention_group_smem_bytes(dk, dv, cap, rep) : 0;
+  return rep <= kMaxGroupHeads ? attention_group_smem_bytes(dk, dv, cap, rep, extra) : 0;
 }
+
+constexpr int kAttnFlags =
+    SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS | SPARSIFY_ATTN_CACHE_F16;
 
 // The workspace: n_head tickets, then the partial rows from the next 16-byte boundary.
 size_t work_offset(int n_head) {
@@ -1023,14 +1087,13 @@ size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len) {
 
 size_t sparsify_attention_launch_smem_bytes(int dk, int dv, int max_len, int n_head,
                                             int n_head_kv, int splits, int flags) {
-  if ((flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) return 0;
+  if ((flags & ~kAttnFlags) != 0) return 0;
   return launch_smem_bytes(dk, dv, max_len, n_head, n_head_kv, splits, flags);
 }
 
 int sparsify_attention_split_keys(int n_head, int n_head_kv, int splits, int flags) {
   if (splits < 1 || splits > kMaxAttnSplits || n_head < 1 || n_head_kv < 1 ||
-      n_head % n_head_kv != 0 ||
-      (flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) {
+      n_head % n_head_kv != 0 || (flags & ~kAttnFlags) != 0) {
     return 0;
   }
   return min_split_keys(splits, block_heads(n_head, n_head_kv, flags));
@@ -1066,7 +1129,7 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
 }
 
 cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qkv_stride,
-                                           float *kc, float *vc, const int64_t *pos,
+                                           void *kc, void *vc, const int64_t *pos,
                                            const float *cos_t, const float *sin_t,
                                            const int32_t *perm, const float *q_norm,
                                            const float *k_norm, float *out, int n_head,
@@ -1081,7 +1144,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
 }
 
 cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int qkv_stride,
-                                            float *kc, float *vc, const int64_t *pos,
+                                            void *kc, void *vc, const int64_t *pos,
                                             const float *cos_t, const float *sin_t,
                                             const int32_t *perm, const float *q_norm,
                                             const float *k_norm, float *out, int n_head,
@@ -1095,10 +1158,7 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
                      workspace_bytes < sparsify_attention_workspace_bytes(n_head, dv, splits))) {
     return cudaErrorInvalidValue;
   }
-  if (qkv_parts < 1 ||
-      (flags & ~(SPARSIFY_ATTN_PREFETCH_CACHE | SPARSIFY_ATTN_GROUP_HEADS)) != 0) {
-    return cudaErrorInvalidValue;
-  }
+  if (qkv_parts < 1 || (flags & ~kAttnFlags) != 0) return cudaErrorInvalidValue;
   if (next != nullptr &&
       (next->w == nullptr || next->threshold == nullptr || next->row_bytes == 0 ||
        next->row_bytes > (1u << 30) || !aligned(next->threshold, 4) ||
@@ -1140,9 +1200,7 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
   err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
   // The per-block limit covers the kernel's static shared memory too.
-  const AttnKernel kernel = grouped      ? attention_group_kernel_for(dk, dv, rep)
-                            : splits > 1 ? attention_kernel_for<true>(dk, dv)
-                                         : attention_kernel_for<false>(dk, dv);
+  const AttnKernel kernel = attention_kernel_for(dk, dv, rep, splits, flags);
   cudaFuncAttributes fa;
   err = cudaFuncGetAttributes(&fa, kernel);
   if (err != cudaSuccess) return err;

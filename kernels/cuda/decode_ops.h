@@ -5,8 +5,9 @@
  * RoPE, the KV-cache write, attention over the cache). Written as framework operations this is
  * a dozen tiny kernels per block, each paying a launch and a dependency wait that at batch 1
  * cost as much as a small GEMV. These two kernels do it in two launches per half-block. All
- * tensors are float32, contiguous, on the device; every function launches asynchronously on
- * `stream`, never synchronises or allocates, and may be captured in a CUDA graph. Results are
+ * tensors are float32 (the KV cache may be float16: SPARSIFY_ATTN_CACHE_F16 below), contiguous,
+ * on the device; every function launches asynchronously on `stream`, never synchronises or
+ * allocates, and may be captured in a CUDA graph. Results are
  * deterministic (fixed reduction order). Like the GEMV, on compute capability 9.0+ they use
  * programmatic dependent launch: each waits for the preceding kernel to complete before it
  * touches global memory.
@@ -66,6 +67,12 @@
  *   the rows are read ahead of the wait, like pos, and under the same condition.
  *   Prefetches are hints: results are those of sparsify_attention_decode_parts whatever `next`
  *   and `flags` say, as long as next's pointers are valid for (n_head * dv) rows.
+ *   SPARSIFY_ATTN_CACHE_F16: kc and vc hold IEEE binary16 elements (llama.cpp's default cache
+ *   type: half the bytes of float32 per key and value read). The new key and value are rounded
+ *   to nearest as they are stored, and this launch uses the rounded values at pos too, so that
+ *   a step sees exactly what later steps read back; every product and sum stays float32. The
+ *   kernel needs (dk + dv) * 2 more bytes of shared memory, rounded up to 16
+ *   (sparsify_attention_launch_smem_bytes counts them).
  *
  * sparsify_attention_decode_split: sparsify_attention_decode_ex over up to `splits` blocks per
  *   head (1 to 64; 1 is sparsify_attention_decode_ex). At a position with V visible keys the
@@ -140,6 +147,7 @@ cudaError_t sparsify_attention_decode_parts(const float *qkv, int qkv_parts, int
 /* Flags of sparsify_attention_decode_ex and sparsify_attention_decode_split. */
 #define SPARSIFY_ATTN_PREFETCH_CACHE 1
 #define SPARSIFY_ATTN_GROUP_HEADS 2 /* split only: one block per key/value head and range */
+#define SPARSIFY_ATTN_CACHE_F16 4   /* kc and vc hold IEEE binary16 elements, not float32 */
 
 /* The projection that reads attention's output, for sparsify_attention_decode_ex. */
 typedef struct {
@@ -153,7 +161,7 @@ typedef struct {
 } sparsify_next_rows;
 
 cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qkv_stride,
-                                           float *kc, float *vc, const int64_t *pos,
+                                           void *kc, void *vc, const int64_t *pos,
                                            const float *cos_t, const float *sin_t,
                                            const int32_t *perm, const float *q_norm,
                                            const float *k_norm, float *out, int n_head,
@@ -163,7 +171,7 @@ cudaError_t sparsify_attention_decode_ex(const float *qkv, int qkv_parts, int qk
                                            cudaStream_t stream);
 
 cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int qkv_stride,
-                                            float *kc, float *vc, const int64_t *pos,
+                                            void *kc, void *vc, const int64_t *pos,
                                             const float *cos_t, const float *sin_t,
                                             const int32_t *perm, const float *q_norm,
                                             const float *k_norm, float *out, int n_head,
@@ -173,8 +181,8 @@ cudaError_t sparsify_attention_decode_split(const float *qkv, int qkv_parts, int
                                             int splits, void *workspace, size_t workspace_bytes,
                                             cudaStream_t stream);
 
-/* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes (unsplit: an
-   upper bound for sparsify_attention_decode_split). */
+/* Dynamic shared memory bytes sparsify_attention_decode needs for these sizes (unsplit, float32
+   cache: an upper bound for sparsify_attention_decode_split without SPARSIFY_ATTN_CACHE_F16). */
 size_t sparsify_attention_smem_bytes(int dk, int dv, int max_len);
 
 /* Dynamic shared memory bytes of one sparsify_attention_decode_split launch with these

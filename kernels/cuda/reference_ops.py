@@ -40,11 +40,15 @@ def add_rms_norm(h: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor, eps: 
 
 
 def attention_decode(qkv, kc, vc, pos: int, cos, sin, perm, *, n_head: int, scale: float,
-                     eps: float = 0.0, window: int = 0, q_norm=None, k_norm=None):
+                     eps: float = 0.0, window: int = 0, q_norm=None, k_norm=None, stored=None):
     """(out (n_head*dv,), kc, vc) for sparsify_attention_decode, float64, caches copied.
 
     Only positions ``pos - window < t <= pos`` (all ``t <= pos`` when window is 0) are read, so
-    whatever the caches hold elsewhere (NaN in the tests) cannot reach the result.
+    whatever the caches hold elsewhere (NaN in the tests) cannot reach the result. With float16
+    caches the new key and value are rounded to float16 as stored (from float32, as the kernel
+    forms them) and used rounded at ``pos`` too. ``stored``: the (n_head_kv, dk) key and
+    (n_head_kv, dv) value to take at ``pos`` instead (a test's way to follow a kernel's own
+    rounding where float32 and float64 sums fall on either side of a float16 tie).
     """
     hkv, _, dk = kc.shape
     dv = vc.shape[2]
@@ -57,6 +61,10 @@ def attention_decode(qkv, kc, vc, pos: int, cos, sin, perm, *, n_head: int, scal
     c, s, perm = cos[pos].double(), sin[pos].double(), perm.long()
     q = q * c + q[:, perm] * s
     k = k * c + k[:, perm] * s
+    if stored is not None:
+        k, v = stored[0].double(), stored[1].double()
+    elif kc.dtype == torch.float16:
+        k, v = k.float().half().double(), v.float().half().double()
     kc, vc = kc.double().clone(), vc.double().clone()
     kc[:, pos], vc[:, pos] = k, v
     t0 = max(0, pos - window + 1) if window > 0 else 0
