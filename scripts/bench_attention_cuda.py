@@ -188,7 +188,7 @@ def plot(rec: dict, path: Path) -> None:
     ax.set_title(f"decode attention, {s['n_head']}/{s['n_head_kv']} heads of {s['head_dim']}, "
                  f"{rec['device']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120)
