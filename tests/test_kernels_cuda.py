@@ -873,6 +873,37 @@ def test_attention_decode_partial_rows(gen, case, rows):
     check_attention(gen, case, rows)
 
 
+def test_reference_attention_rounds_a_half_cache(gen):
+    """The reference the float16 kernels are held to (CPU): with float16 caches the new key and
+    value are stored rounded from float32, used rounded at pos (so the output is the float32
+    cache's computation over the rounded rows), and ``stored`` replaces them."""
+    nh, nkv, dk, dv, L, pos, window, _, neox = ATTN_CASES[1]
+    qkv = torch.randn(nh * dk + nkv * (dk + dv), generator=gen)
+    kc32, vc32 = torch.randn(nkv, L, dk, generator=gen), torch.randn(nkv, L, dv, generator=gen)
+    kc16, vc16 = kc32.half(), vc32.half()
+    cos, sin, perm = rope_tables(gen, L, dk, neox)
+    args = (pos, cos, sin, perm)
+    kw = {"n_head": nh, "scale": 0.2, "window": window}
+    out32, k32, v32 = ref_ops.attention_decode(qkv, kc16.float(), vc16.float(), *args, **kw)
+    out16, k16, v16 = ref_ops.attention_decode(qkv, kc16, vc16, *args, **kw)
+    assert torch.equal(k16[:, pos], k32[:, pos].float().half().double())
+    assert torch.equal(v16[:, pos], v32[:, pos].float().half().double())
+    assert not torch.equal(k16[:, pos], k32[:, pos])  # the rounding is real
+    others = torch.arange(L) != pos
+    assert torch.equal(k16[:, others], kc16[:, others].double())
+    # the same computation as a float32 cache that already holds the rounded rows
+    kr, vr = kc16.float(), vc16.float()
+    kr[:, pos], vr[:, pos] = k16[:, pos].float(), v16[:, pos].float()
+    want, _, _ = ref_ops.attention_decode(qkv, kr, vr, *args, **kw,
+                                          stored=(kr[:, pos], vr[:, pos]))
+    assert torch.allclose(out16, want, rtol=0, atol=1e-12)
+    assert float((out16 - out32).abs().max()) > 0
+    # `stored` takes precedence over the reference's own rounding
+    ks, vs = torch.zeros(nkv, dk), torch.ones(nkv, dv)
+    _, k_s, v_s = ref_ops.attention_decode(qkv, kc16, vc16, *args, **kw, stored=(ks, vs))
+    assert torch.equal(k_s[:, pos], ks.double()) and torch.equal(v_s[:, pos], vs.double())
+
+
 @on_gpu
 @pytest.mark.parametrize("rows", [0, 22])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "h{}-{}_d{}-{}_L{}_p{}_w{}".format(*c))
