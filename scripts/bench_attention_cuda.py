@@ -108,7 +108,7 @@ def run(out: Path, n_head: int, n_head_kv: int, dim: int, positions: list[int],
             gr.replay()
             torch.cuda.synchronize()
             res[name] = outs.clone()
-        err, err16 = 0.0, 0.0
+        err = 0.0
         for cache in ("float32", "float16"):
             names = [n for n in res if cache_of(n) == cache]
             base = res[names[0]]

@@ -95,6 +95,13 @@ def info(model: str) -> None:
     click.echo(describe(model))
 
 
+# sparsify generate and sparsify bench: the GPU engine's cache type (engine_cuda.KV_CACHES).
+_kv_cache_option = click.option(
+    "--kv-cache", type=click.Choice(["f32", "f16"]), default=None,
+    help="KV cache element type on cuda [default: f32]; f16 halves its memory and the bytes "
+         "attention reads.")
+
+
 @cli.command()
 @click.argument("model", metavar="MODEL")
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
@@ -108,9 +115,7 @@ def info(model: str) -> None:
 @click.option("--sparsity", type=click.FloatRange(0, 1), default=None,
               help="Model-wide sparsity level to apply from --table.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--kv-cache", type=click.Choice(["f32", "f16"]), default=None,
-              help="KV cache element type on cuda [default: f32]; f16 halves its memory and "
-                   "the bytes attention reads.")
+@_kv_cache_option
 def generate(model: str, prompt: str, n_tokens: int, temperature: float, seed: int,
              table: str | None, sparsity: float | None, device: str,
              kv_cache: str | None) -> None:
@@ -236,9 +241,7 @@ def eval_(model: str, table_path: str, sparsity: str, method: str, text: str | N
 @click.option("--context", type=click.IntRange(1), default=None,
               help="Decode after this many tokens of built-in text (attention then reads that "
                    "many cached keys) instead of a one-line prompt.")
-@click.option("--kv-cache", type=click.Choice(["f32", "f16"]), default=None,
-              help="KV cache element type on cuda [default: f32]; f16 halves its memory and "
-                   "the bytes attention reads.")
+@_kv_cache_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--force", is_flag=True, help="Overwrite an existing JSON file.")
 def bench(model: str, device: str, sparsity: str, table_path: str | None, fmt: str | None,
