@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import interrupt
 from .config import PROJECTIONS
 from .errors import SparsifyError
 from .evaluate import projection_params
@@ -549,7 +550,7 @@ def run_allocate(spec: str, table_path: str, output: str | None, methods: list[s
     with tqdm(total=total, desc="allocate", file=sys.stderr, leave=False,
               dynamic_ncols=True) as bar:
         allocs = allocate(model, seqs, table.threshold, table.criterion == "weight-aware",
-                          cap, methods, progress=bar.update)
+                          cap, methods, progress=interrupt.checked(bar.update))
     for m, a in allocs.items():
         table = table.with_allocations(m, a.levels)
     table.save(dest, force=True)

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click group, turning every failure into one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if argv is None:
+        from . import interrupt
+
+        interrupt.install()
     try:
         cli.main(args=args, prog_name="sparsify", standalone_mode=False)
     except click.exceptions.Abort:

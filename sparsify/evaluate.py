@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import interrupt
 from .config import ModelConfig
 from .errors import SparsifyError
 from .model import Model, dense_projector
@@ -391,7 +392,8 @@ def run_eval(spec: str, table_path: str, levels: list[float], method: str, text:
               leave=False, dynamic_ncols=True) as bar:
         res = evaluate_levels(model, seqs, thresholds, levels,
                               weight_aware=table.criterion == "weight-aware",
-                              gguf_bytes=gguf_bytes, progress=bar.update)
+                              gguf_bytes=gguf_bytes,
+                              progress=interrupt.checked(bar.update))
     print(format_table(res, method))
     print(f"[{res.sequences} × {res.seq_len} tokens, {res.seconds:.1f} s]", file=sys.stderr)
     record = {

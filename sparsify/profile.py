@@ -31,7 +31,7 @@ import numba
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, interrupt
 from .config import PROJECTION_INPUT, PROJECTIONS
 from .errors import SparsifyError
 from .model import Model, dense_projector
@@ -280,6 +280,7 @@ def profile_thresholds(model: Model, seqs: np.ndarray, criterion: str,
                 for s in range(0, n_seq, per_batch):
                     e = min(s + per_batch, n_seq)
                     h[s:e] = model.block(i, h[s:e], pos)
+                    interrupt.check()
                     # From the exact running count: summing float fractions overshot the
                     # total by rounding (tqdm warned and clamped).
                     bar.update((i * n_seq + e) * T / n_layer - bar.n)

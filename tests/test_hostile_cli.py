@@ -226,10 +226,10 @@ def test_ctrl_c_during_profile_leaves_nothing(tmp_path):
 
     A small synthetic model (8 blocks, width 256) profiles 32768 tokens at about half a second
     per block once numba's caches are warm (a 4-block width-48 model finished in 0.4 s and
-    outran the signal); the signal goes once the progress bar shows block 2, past numba's
-    first-call setup: a SIGINT that lands inside llvmlite's object-cache callback during that
-    setup is swallowed by ctypes (about 1 in 20 signals sent in the first 0.3 s), which no code
-    of ours can see."""
+    outran the signal); the signal goes once the progress bar shows block 2, so that the pass
+    is running. A SIGINT that lands inside a ctypes callback (llvmlite's object cache, during
+    numba's first-call setup) or a finalizer is dropped by CPython; the next progress step
+    raises it again (sparsify.interrupt, and the finalizer test below)."""
     from sparsify.synthetic import preset, write_synthetic_gguf
 
     spec = preset("tiny", n_layer=8, d_model=256, d_ff=1024, n_head=4, n_head_kv=2)
@@ -276,6 +276,55 @@ info.describe = interrupted
 sys.argv = ["sparsify", "info", "x"]
 cli.main()
 """
+
+
+_SWALLOW_PROBE = """
+import os
+import signal
+import sys
+
+from sparsify import cli, profile
+
+
+class Finalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs here, inside __del__
+            pass
+
+
+original = profile.HistogramProjector.thresholds
+blocks = []
+
+
+def thresholds(self, levels):
+    blocks.append(len(blocks))
+    if len(blocks) == 2:
+        Finalizer()  # collected at once: CPython reports and drops the KeyboardInterrupt
+    return original(self, levels)
+
+
+profile.HistogramProjector.thresholds = thresholds
+sys.argv = ["sparsify", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_ctrl_c_dropped_by_a_finalizer_still_interrupts(tmp_path):
+    """A SIGINT whose KeyboardInterrupt is raised inside a finalizer (CPython drops it, as it
+    does inside a ctypes callback) still stops the profile at its next progress step: exit 1,
+    one ``error: interrupted`` line, no table, no temp file."""
+    from sparsify.synthetic import preset, write_synthetic_gguf
+
+    write_synthetic_gguf(tmp_path / "small.gguf", preset("tiny", n_layer=4), threads=1)
+    (tmp_path / "swallowprobe.py").write_text(_SWALLOW_PROBE)
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "swallowprobe", "profile", "small.gguf",
+                        "--tokens", "256", "--seq-len", "64"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert_one_error(r.returncode, r.stderr, r"^error: interrupted$")
+    assert r.stdout == ""
+    assert snapshot(tmp_path) == before, sorted(p.name for p in snapshot(tmp_path) - before)
 
 
 def test_ctrl_c_through_exec_still_exits_1(tmp_path):
