@@ -9,6 +9,7 @@ the sequences, the length of the common prefix and, where they part, torch's own
 at that step, and the teacher-forced agreement (the engine fed torch's sequence).
 
 Usage: python scripts/consistency_cuda.py OUT.json [--tokens 64] [--formats fp16 bf16 int8]
+       [--kv-cache f16]
        python scripts/consistency_cuda.py --table RECORD.json [RECORD.json ...] OUT.md
            (the markdown summary of one or more records)
 """
@@ -57,11 +58,13 @@ def write_table(record_paths: list[str], out: str) -> None:
               "column, with the time of its run. Each cell: "
               "tokens equal before the first difference, per prompt, and in brackets torch's "
               "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
-              "weights; 'rounded': torch over the engine's rounded weights. Teacher-forced: "
+              "weights; 'rounded': torch over the engine's rounded weights. KV cache: the "
+              "engine's cache element type. Teacher-forced: "
               "steps where the engine, fed torch's (float32) sequence, picks torch's token.")
     lines = [title, "", legend, "",
-             "| record | model | format | level | vs float32 | vs rounded | teacher-forced |",
-             "|---|---|---|---|---|---|---|"]
+             ("| record | model | format | KV cache | level | vs float32 | vs rounded | "
+              "teacher-forced |"),
+             "|---|---|---|---|---|---|---|---|"]
 
     def cell(rows, key):
         out = []
@@ -74,11 +77,13 @@ def write_table(record_paths: list[str], out: str) -> None:
     for name, r0 in recs:
         groups: dict = {}
         for r in r0["rows"]:
-            groups.setdefault((r["model"], r["format"], r["level"]), []).append(r)
-        for (model, fmt, level), rows in groups.items():
+            # records before the float16 cache have no kv_cache field: theirs was float32
+            key = (r["model"], r["format"], r.get("kv_cache", "f32"), r["level"])
+            groups.setdefault(key, []).append(r)
+        for (model, fmt, cache, level), rows in groups.items():
             tf = sum(r["float32"]["teacher_forced_agree"] for r in rows)
             n = sum(r["tokens"] for r in rows)
-            lines.append(f"| {name} ({r0['when'][:16]}Z) | {model} | {fmt} | {level:g} | "
+            lines.append(f"| {name} ({r0['when'][:16]}Z) | {model} | {fmt} | {cache} | {level:g} | "
                          f"{cell(rows, 'float32')} | {cell(rows, 'rounded')} | {tf}/{n} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
@@ -94,6 +99,8 @@ def main() -> int:
     ap.add_argument("--levels", nargs="+", type=float, default=[0.0, 0.5])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--device", default="cuda", help="cpu runs the engine's stand-in (a check)")
+    ap.add_argument("--kv-cache", choices=("f32", "f16"), default=None,
+                    help="the engine's KV cache type (default: SPARSIFY_CUDA_KV_CACHE, else f32)")
     args = ap.parse_args()
 
     from sparsify.bundled import fetch
@@ -113,7 +120,8 @@ def main() -> int:
         table.check(loaded)
         prompt_ids = {p: loaded.tokenizer.encode(p) for p in PROMPTS}
         for fmt in args.formats:
-            eng = CUDAEngine(loaded, fmt=fmt, max_len=64 + args.tokens, device=dev)
+            eng = CUDAEngine(loaded, fmt=fmt, max_len=64 + args.tokens, device=dev,
+                             kv_cache=args.kv_cache)
             rounded = rounded_model(eng, loaded, dev)
             for level in args.levels:
                 thr = None if level == 0 else table.thresholds_at(level)
@@ -124,7 +132,8 @@ def main() -> int:
                     with torch.inference_mode():
                         got = eng.generate(ids, args.tokens)
                         eng.reset()
-                    row = {"model": name, "format": fmt, "level": level, "prompt": prompt,
+                    row = {"model": name, "format": fmt, "kv_cache": eng.kv_cache,
+                           "level": level, "prompt": prompt,
                            "tokens": args.tokens, "engine_tokens": got,
                            "engine_text": loaded.tokenizer.decode(got)}
                     for label, m in (("float32", model), ("rounded", rounded)):
@@ -144,7 +153,7 @@ def main() -> int:
                             "tokens": want}
                     rows.append(row)
                     f, r = row["float32"], row["rounded"]
-                    print(f"{name} {fmt} level {level:g} {prompt!r}: equal prefix vs float32 "
+                    print(f"{name} {fmt} {eng.kv_cache} cache level {level:g} {prompt!r}: equal prefix vs float32 "
                           f"{f['equal_prefix']}/{args.tokens} (margin at split "
                           f"{f['margin_at_split']}), vs rounded {r['equal_prefix']}/{args.tokens}"
                           f" (margin {r['margin_at_split']}); teacher-forced "
