@@ -2,11 +2,12 @@
 
 For each model, weight format and level (0 = dense, else the committed magnitude table at that
 level), the torch model (float32, CPU, masked by the same thresholds) and the CUDA engine both
-continue the prompt greedily for ``--tokens`` tokens. Two torch references: the model over the file's weights
-("float32"), and the model over the engine's own rounded (fp16/bf16/int8) weights ("rounded"),
-which leaves only summation order and entries within rounding of a threshold. The record holds
-the sequences, the length of the common prefix and, where they part, torch's own top-2 margin
-at that step, and the teacher-forced agreement (the engine fed torch's sequence).
+continue the prompt greedily for ``--tokens`` tokens. Two torch references: the model over the
+file's weights ("float32"), and the model over the engine's own rounded (fp16/bf16/int8) weights
+and a KV cache of the engine's type ("rounded"), which leaves only summation order and entries
+within rounding of a threshold. The record holds the sequences, the length of the common prefix
+and, where they part, torch's own top-2 margin at that step, and the teacher-forced agreement
+(the engine fed torch's sequence).
 
 Usage: python scripts/consistency_cuda.py OUT.json [--tokens 64] [--formats fp16 bf16 int8]
        [--kv-cache f16]
@@ -30,11 +31,13 @@ PROMPTS = ("The history of the bicycle", "def fibonacci(n):",
            "The capital of France is")
 
 
-def torch_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens of the torch model fed one token at a time, and the logits at each pick."""
+def torch_greedy(model, ids: list[int], n: int, cache_dtype: torch.dtype = torch.float32
+                 ) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens of the torch model fed one token at a time over a KV cache of
+    ``cache_dtype``, and the logits at each pick."""
     from sparsify.model import KVCache
 
-    cache = KVCache.empty(model.cfg, len(ids) + n, device=model.device)
+    cache = KVCache.empty(model.cfg, len(ids) + n, device=model.device, dtype=cache_dtype)
     seq, out, logits = list(ids), [], []
     with torch.inference_mode():
         for pos in range(len(ids) + n - 1):
@@ -104,7 +107,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from sparsify.bundled import fetch
-    from sparsify.engine_cuda import CUDAEngine, device_info, rounded_model
+    from sparsify.engine_cuda import KV_CACHES, CUDAEngine, device_info, rounded_model
     from sparsify.loader import load
     from sparsify.model import dense_projector
     from sparsify.sparse import MaskingProjector
@@ -123,6 +126,7 @@ def main() -> int:
             eng = CUDAEngine(loaded, fmt=fmt, max_len=64 + args.tokens, device=dev,
                              kv_cache=args.kv_cache)
             rounded = rounded_model(eng, loaded, dev)
+            cache = KV_CACHES[eng.kv_cache]
             for level in args.levels:
                 thr = None if level == 0 else table.thresholds_at(level)
                 eng.set_thresholds(thr)
@@ -137,7 +141,9 @@ def main() -> int:
                            "tokens": args.tokens, "engine_tokens": got,
                            "engine_text": loaded.tokenizer.decode(got)}
                     for label, m in (("float32", model), ("rounded", rounded)):
-                        want, ref = torch_greedy(m, ids, args.tokens)
+                        # 'rounded' is the engine's own arithmetic: its weights and its cache
+                        want, ref = torch_greedy(m, ids, args.tokens,
+                                                 cache if label == "rounded" else torch.float32)
                         with torch.inference_mode():
                             eng.reset()
                             picks = [int(eng.step(t).argmax())
@@ -165,8 +171,8 @@ def main() -> int:
     record = {"kind": "consistency", **info, "torch": torch.__version__,
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "reference": "torch forward (float32, stepwise, same thresholds, on the same device) over "
-                 "the file's weights ('float32') and over the engine's rounded weights "
-                 "('rounded')", "rows": rows}
+                 "the file's weights ('float32', float32 KV cache) and over the engine's rounded "
+                 "weights and a KV cache of the engine's type ('rounded')", "rows": rows}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 

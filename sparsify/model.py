@@ -188,9 +188,11 @@ class Model:
         k = rope(k, pos, base, cfg.rope_dim, cfg.rope_neox, scale)
         if cache is not None:
             end = int(pos[-1]) + 1
-            cache.k[i][:, :, pos] = k
-            cache.v[i][:, :, pos] = v
-            k, v = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+            cache.k[i][:, :, pos] = k.to(cache.k[i].dtype)
+            cache.v[i][:, :, pos] = v.to(cache.v[i].dtype)
+            # A float16 cache stores rounded keys and values (at pos too) and attention reads
+            # them back into float32, as llama.cpp's default cache and sparsify's GPU engine do.
+            k, v = cache.k[i][:, :, :end].to(q.dtype), cache.v[i][:, :, :end].to(q.dtype)
         a = self._attend(q, k, v, pos, cfg.sliding_window if swa else 0)
         a = a.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim_v)  # (B, T, H*Dv)
         o = self.proj(p + "attn_output", a)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.engine_cuda import rounded_model
+from sparsify.engine_cuda import KV_CACHES, rounded_model
 from sparsify.model import KVCache
 from sparsify.sparse import MaskingProjector
 
@@ -102,9 +102,11 @@ def _quantile_thresholds(model, ids: list[int], level: float, weight_aware: bool
     return {k: float(torch.quantile(torch.cat(v), level)) for k, v in seen.items()}
 
 
-def _stepwise_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
-    """Greedy tokens and logits of the torch model fed one token at a time (as the engine is)."""
-    cache = KVCache.empty(model.cfg, len(ids) + n)
+def _stepwise_greedy(model, ids: list[int], n: int, cache_dtype: torch.dtype = torch.float32
+                     ) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and logits of the torch model fed one token at a time (as the engine is),
+    over a KV cache of ``cache_dtype``."""
+    cache = KVCache.empty(model.cfg, len(ids) + n, dtype=cache_dtype)
     seq, out, logits = list(ids), [], []
     with torch.inference_mode():
         for pos in range(len(ids) + n - 1):
@@ -156,8 +158,9 @@ def test_dense_logits_close_to_float32_model(name, fmt, models, engines):
 def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engines):
     """Sparse decode at level 0.5 against the masked torch model over N_TOKENS greedy tokens.
 
-    The torch model runs over the engine's rounded weights (see engine_cuda.rounded_model), so
-    what is left is float32 summation order and entries within rounding of a threshold, which
+    The torch model runs over the engine's rounded weights (see engine_cuda.rounded_model) and
+    a KV cache of the engine's type (float16 under SPARSIFY_CUDA_KV_CACHE=f16), so what is left
+    is float32 summation order and entries within rounding of a threshold, which
     one side keeps and the other drops; such a flip then propagates through the KV cache. So the
     engine is fed torch's greedy sequence (teacher forcing) and must pick torch's token at every
     step except at most a fifth of them, each where torch's own top-2 logits are within 1.0 (the
@@ -172,7 +175,7 @@ def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engine
     wa = criterion == "weight-aware"
     thresholds = _quantile_thresholds(model, ids, 0.5, wa)
     model.projector = MaskingProjector(thresholds, weight_aware=wa)
-    want, ref = _stepwise_greedy(model, ids, N_TOKENS)
+    want, ref = _stepwise_greedy(model, ids, N_TOKENS, KV_CACHES[eng.kv_cache])
     eng.set_thresholds(thresholds, weight_aware=wa)
     with torch.inference_mode():
         free = eng.generate(ids, N_TOKENS)

@@ -71,6 +71,31 @@ def test_cached_decode_equals_full_forward(name, torch_model, loaded):
     torch.testing.assert_close(stepped, full, rtol=0, atol=2e-4 * float(full.abs().max()))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_half_cache_stores_rounded_rows_and_attends_in_float32(name, torch_model, loaded):
+    """A float16 KV cache (the GPU engine's kv_cache="f16", llama.cpp's default) holds each key
+    and value rounded to nearest, and attention reads them back into float32."""
+    model = torch_model(name)
+    ids = loaded(name).tokenizer.encode("Sparse activations skip weight rows; the cache must")
+    runs = {}
+    for dtype in (torch.float32, torch.float16):
+        cache = KVCache.empty(model.cfg, len(ids), dtype=dtype)
+        with torch.inference_mode():
+            logits = torch.stack([model.forward(torch.tensor([[t]]), i, cache)[0, -1]
+                                  for i, t in enumerate(ids)])
+        assert cache.k[0].dtype == cache.v[-1].dtype == dtype
+        runs[dtype] = logits, cache
+    (full, c32), (half, c16) = runs[torch.float32], runs[torch.float16]
+    # The first row of block 0 comes from the same inputs either way: exactly the rounding.
+    assert torch.equal(c16.k[0][:, :, 0], c32.k[0][:, :, 0].half())
+    assert torch.equal(c16.v[0][:, :, 0], c32.v[0][:, :, 0].half())
+    # Relative rounding of 2^-11 on every cached row moves the logits by about 2e-4 of their
+    # scale on both models; 2e-3 is the GPU engine tests' bound for the same effect.
+    err = float((half - full).abs().max())
+    assert 0 < err <= 2e-3 * float(full.abs().max())
+    assert torch.equal(half.argmax(-1), full.argmax(-1))
+
+
 def test_sliding_window_masks_far_keys():
     from sparsify.model import attention_mask
 
