@@ -61,7 +61,8 @@ def write_table(record_paths: list[str], out: str) -> None:
               "column, with the time of its run. Each cell: "
               "tokens equal before the first difference, per prompt, and in brackets torch's "
               "top-2 margin (logits) at that first difference. 'float32': torch over the file's "
-              "weights; 'rounded': torch over the engine's rounded weights. KV cache: the "
+              "weights; 'rounded': torch over the engine's rounded weights (and, in records made "
+              "after 2026-12-03 13:06, a KV cache of the engine's type). KV cache: the "
               "engine's cache element type. Teacher-forced: "
               "steps where the engine, fed torch's (float32) sequence, picks torch's token.")
     lines = [title, "", legend, "",
