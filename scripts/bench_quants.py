@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from sparsify import quants
+from sparsify.bench import cpu_name
 
 FIRST_CALL = """
 import time, numpy as np
@@ -59,16 +60,6 @@ for group in ("blk.", "token_embd."):
     res[group] = (n, time.perf_counter() - t0)
 print(warm, *res["blk."], *res["token_embd."])
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_raw(rng: np.random.Generator, t: quants.GGMLType, n: int) -> np.ndarray:

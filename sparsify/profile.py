@@ -297,6 +297,20 @@ def profile_thresholds(model: Model, seqs: np.ndarray, criterion: str,
     return out
 
 
+def _forward_all(model: Model, seqs: np.ndarray, projector, batch_tokens: int) -> None:
+    """Every sequence of ``seqs`` (int64 (n_seq, T)) through the model under ``projector``, in
+    batches of about ``batch_tokens`` tokens; the model's projector is restored on return."""
+    saved = model.projector
+    model.projector = projector
+    per_batch = _batch_seqs(model, seqs.shape[1], batch_tokens)
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(seqs), per_batch):
+                model.forward(torch.from_numpy(seqs[s:s + per_batch]), last_only=True)
+    finally:
+        model.projector = saved
+
+
 class _CountOnly(MaskingProjector):
     """Counts what :class:`MaskingProjector` would zero (its score, its ``NOT(score <= t)``
     rule) but returns the dense product, so each tensor sees the input it saw while
@@ -323,15 +337,7 @@ def realized_sparsity(model: Model, seqs: np.ndarray, thresholds: dict[str, floa
     """
     cls = MaskingProjector if masked else _CountOnly
     proj = cls(thresholds, weight_aware=weight_aware, count=True)
-    saved = model.projector
-    model.projector = proj
-    per_batch = _batch_seqs(model, seqs.shape[1], batch_tokens)
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(seqs), per_batch):
-                model.forward(torch.from_numpy(seqs[s:s + per_batch]), last_only=True)
-    finally:
-        model.projector = saved
+    _forward_all(model, seqs, proj, batch_tokens)
     return proj.realized()
 
 
@@ -362,15 +368,7 @@ def realized_by_level(model: Model, seqs: np.ndarray, table,
     forward pass for all levels; the model's projector is restored on return.
     """
     counter = _LevelCounter(table)
-    saved = model.projector
-    model.projector = counter
-    per_batch = _batch_seqs(model, seqs.shape[1], batch_tokens)
-    try:
-        with torch.inference_mode():
-            for s in range(0, len(seqs), per_batch):
-                model.forward(torch.from_numpy(seqs[s:s + per_batch]), last_only=True)
-    finally:
-        model.projector = saved
+    _forward_all(model, seqs, counter, batch_tokens)
     return {n: c / counter.seen[n] for n, c in counter.counts.items()}
 
 

@@ -30,6 +30,22 @@ def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def one_thread_for_tiny(request: pytest.FixtureRequest):
+    """Tests that use a ``tiny`` synthetic model run on one torch thread: its products are too
+    small to share among threads, and the thread pool's synchronisation then costs more than
+    the work (10x on a busy machine). A module opts in with ``pytest.mark.usefixtures``."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def script_module():
     """A file of scripts/ imported as a module by name (scripts/ is not a package)."""

@@ -23,18 +23,8 @@ from sparsify.sparse import MaskingProjector
 
 GRID = np.round(np.arange(20) * 0.05, 2)  # table levels 0.00 … 0.95
 
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """The tiny model's products are too small to share among threads: with several, the
-    thread pool's synchronisation costs more than the work (10x on a busy machine)."""
-    if "tiny" not in request.fixturenames:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# The tiny synthetic model runs on one torch thread (conftest.one_thread_for_tiny).
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny")
 
 
 @pytest.fixture(scope="module")
