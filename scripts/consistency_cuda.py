@@ -160,10 +160,11 @@ def main() -> int:
                             "tokens": want}
                     rows.append(row)
                     f, r = row["float32"], row["rounded"]
-                    print(f"{name} {fmt} {eng.kv_cache} cache level {level:g} {prompt!r}: equal prefix vs float32 "
-                          f"{f['equal_prefix']}/{args.tokens} (margin at split "
-                          f"{f['margin_at_split']}), vs rounded {r['equal_prefix']}/{args.tokens}"
-                          f" (margin {r['margin_at_split']}); teacher-forced "
+                    print(f"{name} {fmt} {eng.kv_cache} cache level {level:g} {prompt!r}: "
+                          f"equal prefix vs float32 {f['equal_prefix']}/{args.tokens} (margin "
+                          f"at split {f['margin_at_split']}), vs rounded "
+                          f"{r['equal_prefix']}/{args.tokens} (margin {r['margin_at_split']}); "
+                          f"teacher-forced "
                           f"{f['teacher_forced_agree']}/{r['teacher_forced_agree']}", flush=True)
             del eng, rounded
             if dev.type == "cuda":

@@ -42,11 +42,6 @@ def install() -> None:
         sys.unraisablehook = _unraisable
 
 
-def pending() -> bool:
-    """Whether a SIGINT has arrived since :func:`install`."""
-    return _pending
-
-
 def check() -> None:
     """Raise KeyboardInterrupt if a SIGINT has arrived, whether or not it was raised before."""
     if _pending:
