@@ -108,7 +108,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from sparsify.bundled import fetch
-    from sparsify.engine_cuda import KV_CACHES, CUDAEngine, device_info, rounded_model
+    from sparsify.engine_cuda import CUDAEngine, device_info, rounded_model
     from sparsify.loader import load
     from sparsify.model import dense_projector
     from sparsify.sparse import MaskingProjector
@@ -127,7 +127,6 @@ def main() -> int:
             eng = CUDAEngine(loaded, fmt=fmt, max_len=64 + args.tokens, device=dev,
                              kv_cache=args.kv_cache)
             rounded = rounded_model(eng, loaded, dev)
-            cache = KV_CACHES[eng.kv_cache]
             for level in args.levels:
                 thr = None if level == 0 else table.thresholds_at(level)
                 eng.set_thresholds(thr)
@@ -144,7 +143,8 @@ def main() -> int:
                     for label, m in (("float32", model), ("rounded", rounded)):
                         # 'rounded' is the engine's own arithmetic: its weights and its cache
                         want, ref = torch_greedy(m, ids, args.tokens,
-                                                 cache if label == "rounded" else torch.float32)
+                                                 eng.cache_dtype if label == "rounded"
+                                                 else torch.float32)
                         with torch.inference_mode():
                             eng.reset()
                             picks = [int(eng.step(t).argmax())

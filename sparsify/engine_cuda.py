@@ -146,6 +146,7 @@ class CUDAEngine:
             raise ValueError(f"unknown KV cache type {kv_cache!r} "
                              f"(choose from {', '.join(KV_CACHES)})")
         self.kv_cache = kv_cache
+        self.cache_dtype = KV_CACHES[kv_cache]  # torch dtype of kc and vc
         if max_len < 1:
             raise ValueError(f"max_len must be positive, got {max_len}")
         self.device = torch.device(device)
@@ -195,7 +196,7 @@ class CUDAEngine:
             self.ws = torch.zeros(need, dtype=torch.uint8, device=self.device)
             self.fused = bool(fused) and kc.attention_supported(
                 cfg.head_dim, cfg.head_dim_v, max_len, self.device,
-                cache_dtype=KV_CACHES[self.kv_cache])
+                cache_dtype=self.cache_dtype)
         if fold_norms is None:
             fold_norms = os.environ.get("SPARSIFY_CUDA_FOLD_NORMS", "1") != "0"
         # Gemma's post-norms need the RMS of a projection's whole output before the residual
@@ -236,7 +237,7 @@ class CUDAEngine:
                 and self._kc.attention_supported(
                     cfg.head_dim, cfg.head_dim_v, max_len, self.device, n_head=cfg.n_head,
                     n_head_kv=cfg.n_head_kv, splits=self.attn_group_splits, group_heads=True,
-                    cache_dtype=KV_CACHES[self.kv_cache]))
+                    cache_dtype=self.cache_dtype))
         self.attn_group_from = int(attn_group_from or (
             ATTN_GROUP_KEYS_F16 if self.kv_cache == "f16" else ATTN_GROUP_KEYS))
         # Visible keys from which the split graph replays: where the launch has two ranges by
@@ -330,10 +331,10 @@ class CUDAEngine:
         self.history = torch.zeros(L + 1, dtype=torch.int64, device=dev)
         self.logits = torch.zeros(c.vocab_size, dtype=f, device=dev)
         self.kept = torch.zeros(len(self.projs), dtype=torch.int64, device=dev)
-        kv = KV_CACHES[self.kv_cache]
-        self.kc = [torch.zeros((c.n_head_kv, L, c.head_dim), dtype=kv, device=dev)
+        self.kc = [torch.zeros((c.n_head_kv, L, c.head_dim), dtype=self.cache_dtype, device=dev)
                    for _ in range(c.n_layer)]
-        self.vc = [torch.zeros((c.n_head_kv, L, c.head_dim_v), dtype=kv, device=dev)
+        self.vc = [torch.zeros((c.n_head_kv, L, c.head_dim_v), dtype=self.cache_dtype,
+                               device=dev)
                    for _ in range(c.n_layer)]
         self.kpos = torch.arange(L, device=dev)
         self.ninf = torch.full((L,), float("-inf"), dtype=f, device=dev)

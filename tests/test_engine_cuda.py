@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsify.engine_cuda import KV_CACHES, rounded_model
+from sparsify.engine_cuda import rounded_model
 from sparsify.model import KVCache
 from sparsify.sparse import MaskingProjector
 
@@ -175,7 +175,7 @@ def test_sparse_greedy_follows_masked_torch(name, fmt, criterion, models, engine
     wa = criterion == "weight-aware"
     thresholds = _quantile_thresholds(model, ids, 0.5, wa)
     model.projector = MaskingProjector(thresholds, weight_aware=wa)
-    want, ref = _stepwise_greedy(model, ids, N_TOKENS, KV_CACHES[eng.kv_cache])
+    want, ref = _stepwise_greedy(model, ids, N_TOKENS, eng.cache_dtype)
     eng.set_thresholds(thresholds, weight_aware=wa)
     with torch.inference_mode():
         free = eng.generate(ids, N_TOKENS)
