@@ -183,17 +183,32 @@ __device__ __forceinline__ void prefetch_cache_rows(const AttnParams &p, int pos
   prefetch_cache_range<C>(p, t0, pos, h, g, rep, dk, dv);
 }
 
-// Four consecutive elements of a cache row (4 * c .. 4 * c + 3) as floats: one 16-byte load
-// of a float row, one 8-byte load of a half row.
-__device__ __forceinline__ float4 load_row4(const float *row, int c) {
+// Four consecutive elements of a cache row (4 * c .. 4 * c + 3): one 16-byte load of a float
+// row, one 8-byte load of a half row. load_row4_raw gives the loaded word (Row4<C>::Raw) and
+// row4_floats its floats, for loops that issue a batch of loads before converting any.
+template <typename C> struct Row4;
+template <> struct Row4<float> { using Raw = float4; };
+template <> struct Row4<__half> { using Raw = uint2; };
+
+__device__ __forceinline__ float4 load_row4_raw(const float *row, int c) {
   return reinterpret_cast<const float4 *>(row)[c];
 }
 
-__device__ __forceinline__ float4 load_row4(const __half *row, int c) {
-  const uint2 u = reinterpret_cast<const uint2 *>(row)[c];
+__device__ __forceinline__ uint2 load_row4_raw(const __half *row, int c) {
+  return reinterpret_cast<const uint2 *>(row)[c];
+}
+
+__device__ __forceinline__ float4 row4_floats(float4 r) { return r; }
+
+__device__ __forceinline__ float4 row4_floats(uint2 u) {
   const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x));
   const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
   return make_float4(a.x, a.y, b.x, b.y);
+}
+
+template <typename C>
+__device__ __forceinline__ float4 load_row4(const C *row, int c) {
+  return row4_floats(load_row4_raw(row, c));
 }
 
 // A half cache element as stored: rounded to nearest.
@@ -414,22 +429,53 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttnParam
   // valid row), so all K loads issue unconditionally and only the store is skipped.
   const float4 *q4 = reinterpret_cast<const float4 *>(qr);
   const int n4k = dk / 4;
+  // float4 columns per lane when the head dimension is known and a multiple of 128; with more
+  // than one the columns are not a loop over c (below) but one batch of loads: in that loop,
+  // with each column's loads next to its products, ptxas kept one half-row load in flight at a
+  // time at dimension 256 (kernels/cuda/NOTES.md, H30).
+  constexpr int kChunks = (DK > 0 && DK % 128 == 0) ? DK / 128 : 0;
   for (int j0 = warp * kKeys; j0 < nl; j0 += kAttnWarps * kKeys) {
     float dot[kKeys];
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) dot[u] = 0.0f;
-    for (int c = lane; c < n4k; c += 32) {
-      const float4 qv = q4[c];
-      float4 kv[kKeys];
+    if constexpr (kChunks > 1) {
+      // All kChunks * K loads are issued before the first product; the products are added in
+      // the loop's order (chunk by chunk), so the sums are the loop's.
+      const C *rows[kKeys];
 #pragma unroll
       for (int u = 0; u < kKeys; ++u) {
         const int t = tb + min(j0 + u, nl - 1);
-        const C *row = (t == ipos) ? knew : kbase + static_cast<size_t>(t) * dk;
-        kv[u] = load_row4(row, c);
+        rows[u] = (t == ipos) ? knew : kbase + static_cast<size_t>(t) * dk;
+      }
+      typename Row4<C>::Raw raw[kChunks][kKeys];
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) raw[i][u] = load_row4_raw(rows[u], lane + 32 * i);
       }
 #pragma unroll
-      for (int u = 0; u < kKeys; ++u) {
-        dot[u] += qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+      for (int i = 0; i < kChunks; ++i) {
+        const float4 qv = q4[lane + 32 * i];
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) {
+          const float4 kv = row4_floats(raw[i][u]);
+          dot[u] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+        }
+      }
+    } else {
+      for (int c = lane; c < n4k; c += 32) {
+        const float4 qv = q4[c];
+        float4 kv[kKeys];
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) {
+          const int t = tb + min(j0 + u, nl - 1);
+          const C *row = (t == ipos) ? knew : kbase + static_cast<size_t>(t) * dk;
+          kv[u] = load_row4(row, c);
+        }
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) {
+          dot[u] += qv.x * kv[u].x + qv.y * kv[u].y + qv.z * kv[u].z + qv.w * kv[u].w;
+        }
       }
     }
 #pragma unroll
