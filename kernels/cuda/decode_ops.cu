@@ -221,8 +221,8 @@ __host__ __device__ constexpr int new_row_floats(int dk, int dv) {
   return sizeof(C) == 4 ? 0 : ((dk + dv) / 2 + 3) & ~3;
 }
 
-// Head h's result o for feature i (of dv), written to out (the head's row); with `next`, the row of the projection that
-// reads it is prefetched if that projection will keep it.
+// Head h's result o for feature i (of dv), written to out (the head's row); with `next`, the row
+// of the projection that reads it is prefetched if that projection will keep it.
 __device__ __forceinline__ void write_head_output(const AttnParams &p, float *out, int h, int dv,
                                                   int i, float o) {
   out[i] = o;
@@ -604,7 +604,9 @@ __device__ void block_reduce_n(float (&v)[R], int n, float *red) {
   for (int r = 0; r < R; ++r) {
     if (r < n) {
       float a = red[r * 32];
-      for (int w = 1; w < kAttnWarps; ++w) a = kMax ? fmaxf(a, red[r * 32 + w]) : a + red[r * 32 + w];
+      for (int w = 1; w < kAttnWarps; ++w) {
+        a = kMax ? fmaxf(a, red[r * 32 + w]) : a + red[r * 32 + w];
+      }
       v[r] = a;
     }
   }
