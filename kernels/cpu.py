@@ -474,7 +474,8 @@ def _check_weights_int8(q: object, scales: object, group: object) -> tuple[int, 
 
 
 def _check_threshold(threshold: object) -> np.float32:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+    real = (int, float, np.integer, np.floating)
+    if isinstance(threshold, bool) or not isinstance(threshold, real):
         raise TypeError(f"threshold must be a real number, got {type(threshold).__name__}")
     if math.isnan(threshold):
         raise ValueError("threshold is NaN")
@@ -489,7 +490,8 @@ def _check_channel_scale(channel_scale: object, k: int) -> None:
 def _check_partial(partial: object, n: int, *inputs: object) -> None:
     if partial is not None:
         if not isinstance(partial, np.ndarray) or partial.ndim != 2:
-            raise TypeError(f"partial must be a 2-D float32 ndarray (C, N), got {_describe(partial)}")
+            raise TypeError("partial must be a 2-D float32 ndarray (C, N), "
+                            f"got {_describe(partial)}")
         _check_out("partial", partial, np.float32, (max(partial.shape[0], 1), n), *inputs)
 
 

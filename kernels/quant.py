@@ -30,8 +30,8 @@ def quantize_int8(w_input_major: np.ndarray, group: int) -> tuple[np.ndarray, np
     w_input_major: float (K, N), row i = weights multiplying x[i]. group: G >= 1 consecutive
     output channels share a scale. Returns ``(q, scales)``: q int8 (K, N) C-contiguous with values
     in [-127, 127] (the -128 code is unused so the grid is symmetric), scales float32
-    (K, ceil(N / G)) with ``scale = max|w| / 127`` over the group (0 for an all-zero group). The last
-    group of a row covers the remaining N - G * (ceil(N / G) - 1) channels.
+    (K, ceil(N / G)) with ``scale = max|w| / 127`` over the group (0 for an all-zero group). The
+    last group of a row covers the remaining N - G * (ceil(N / G) - 1) channels.
     """
     w = np.asarray(w_input_major)
     if w.ndim != 2:

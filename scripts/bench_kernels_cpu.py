@@ -562,8 +562,9 @@ def markdown(record: dict) -> str:
         )
     lines += ["", "## All shapes: median ms (IQR) at sparsity 0 / 0.5 / 0.9, ideal = dense*(1-s)",
               ""]
-    lines.append("| K->N | thr | numpy | fp32 dense | fp32 s0 | fp32 s0.5 (ideal) | fp32 s0.9 (ideal) "
-                 "| int8 dense | int8 s0.5 (ideal) | int8 s0.9 (ideal) | load |")
+    lines.append("| K->N | thr | numpy | fp32 dense | fp32 s0 | fp32 s0.5 (ideal) "
+                 "| fp32 s0.9 (ideal) | int8 dense | int8 s0.5 (ideal) | int8 s0.9 (ideal) "
+                 "| load |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = record["rows"]
     seen = []
@@ -700,7 +701,8 @@ def main() -> None:
         "rows": rows,
         "headline": headline(rows, threads),
         "int8_groups": int8_group_study(rng),
-        "chunking": chunking_study(8 if args.quick else 40, quiet_s, llc, rng) if 2 in threads else [],
+        "chunking": (chunking_study(8 if args.quick else 40, quiet_s, llc, rng)
+                     if 2 in threads else []),
         "call_overhead": call_overhead(200 if args.quick else 3000),
     }
     record["meta"]["loadavg_end"] = _loadavg()

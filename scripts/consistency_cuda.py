@@ -172,9 +172,10 @@ def main() -> int:
     info = device_info(dev) if dev.type == "cuda" else {"device": "cpu (engine stand-in)"}
     record = {"kind": "consistency", **info, "torch": torch.__version__,
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "reference": "torch forward (float32, stepwise, same thresholds, on the same device) over "
-                 "the file's weights ('float32', float32 KV cache) and over the engine's rounded "
-                 "weights and a KV cache of the engine's type ('rounded')", "rows": rows}
+              "reference": "torch forward (float32, stepwise, same thresholds, on the same "
+                 "device) over the file's weights ('float32', float32 KV cache) and over the "
+                 "engine's rounded weights and a KV cache of the engine's type ('rounded')",
+              "rows": rows}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -194,9 +194,10 @@ def markdown(rec: dict) -> str:
     c = rec["corpus"]
     note = ("*Dense error*: |realized - requested| sparsity over every tensor and every level "
             "from 0.01 to 0.99 (level 0 has threshold 0, which only meets inputs that are "
-            "exactly zero already), counted exactly on the calibration sequences with each tensor fed "
-            "the dense model's input. *Masked*: realized minus requested when every projection "
-            "is masked at 0.5 at once; later inputs drift, which allocation has to account for.")
+            "exactly zero already), counted exactly on the calibration sequences with each "
+            "tensor fed the dense model's input. *Masked*: realized minus requested when every "
+            "projection is masked at 0.5 at once; later inputs drift, which allocation has to "
+            "account for.")
     corpus_line = (f"Built-in corpus ({c['documents']} documents; calibration sha256 "
                    f"{c['calibration']['sha256'][:12]}…, held-out "
                    f"{c['heldout']['sha256'][:12]}…):")

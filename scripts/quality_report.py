@@ -139,7 +139,8 @@ def _sanity_section() -> list[str]:
            "windows, BOS first, second half scored. llama.cpp through llama-cpp-python "
            f"{rec.get('llama_cpp_python', '?')}; ours in float32 on "
            f"{rec['machine']['device']}."), "",
-           "| model | text | windows | ours | llama.cpp | difference | llama-perplexity reference |",
+           ("| model | text | windows | ours | llama.cpp | difference "
+            "| llama-perplexity reference |"),
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rec["rows"]:
         ref = r.get("reference_llama_perplexity")

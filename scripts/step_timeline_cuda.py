@@ -1,4 +1,4 @@
-"""Where one GPU decode step spends its time: every kernel of the captured step, timed on the device.
+"""Where one GPU decode step spends its time: each kernel of the captured step, timed on the device.
 
 The step's CUDA graph is replayed under torch's profiler (CUPTI kernel records, which include
 the kernels inside a graph), one replay at a time with an idle gap between replays. Each kernel

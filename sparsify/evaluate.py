@@ -182,8 +182,9 @@ def evaluate_levels(model: Model, sequences: torch.Tensor, level_thresholds: Seq
 
     sequences (S, T) int64 token ids, each row evaluated from position 0; level_thresholds[j]
     maps projection names to thresholds for level ``targets[j]``; ``weight_aware`` selects the
-    score, for all levels or per level. ``gguf_bytes`` (name → stored bytes) weights the second model-wide figure;
-    ``progress(n)`` is told of every finished pass. Restores ``model.projector`` on return.
+    score, for all levels or per level. ``gguf_bytes`` (name → stored bytes) weights the second
+    model-wide figure; ``progress(n)`` is told of every finished pass. Restores
+    ``model.projector`` on return.
     """
     if sequences.dim() != 2 or sequences.shape[1] < 2:
         raise ValueError(f"sequences must be (S, T) with T >= 2, got {tuple(sequences.shape)}")

@@ -181,7 +181,8 @@ def _fingerprint_mismatch(made: dict, this: dict, model_path: str) -> str | None
         a, b = mt[name], tt[name]
         if a["type"] != b["type"]:
             if made["file_type"] != this["file_type"]:
-                return (f"table made for {_show(made['file_type'])}, {where} is {this['file_type']} "
+                return (f"table made for {_show(made['file_type'])}, "
+                        f"{where} is {this['file_type']} "
                         f"({name}: {_show(a['type'])} vs {b['type']})")
             return f"table made for {name} in {_show(a['type'])}, {where} has {b['type']}"
         if a["shape"] != b["shape"]:
@@ -542,8 +543,8 @@ def _validate(data: Any, source: str | None) -> ThresholdTable:
                                    f"{_show(name)}")
                 v = _num(lvl)
                 if v is None or not 0.0 <= v <= 1.0:
-                    raise _Invalid(f"allocations.{_show(method)}.{target}: level of {_show(name)} is "
-                                   f"{_show(repr(lvl))[:40]}, not in [0, 1]")
+                    raise _Invalid(f"allocations.{_show(method)}.{target}: level of "
+                                   f"{_show(name)} is {_show(repr(lvl))[:40]}, not in [0, 1]")
     return ThresholdTable(schema_version=version, fingerprint=fp, provenance=prov,
                           criterion=criterion, levels=levels, thresholds=thresholds,
                           allocations=allocations, source=source)

@@ -10,8 +10,8 @@ import pytest
 
 
 def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsify.cli", *args], capture_output=True, check=False,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "sparsify.cli", *args], capture_output=True,
+                          check=False, text=True, timeout=timeout)
 
 
 def test_help_is_fast_and_lists_the_commands():

@@ -41,7 +41,8 @@ def test_parts_never_overlap_and_cover_every_document():
 
 def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed():
     """Hash randomization (set and dict order) does not change the text."""
-    code = ("from sparsify import corpus; import json; print(json.dumps([corpus.calibration().sha256, "
+    code = ("from sparsify import corpus; import json; "
+            "print(json.dumps([corpus.calibration().sha256, "
             "corpus.heldout().sha256, corpus.calibration().identity]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

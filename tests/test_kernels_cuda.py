@@ -311,7 +311,8 @@ def test_balanced_splits_match_reference(gen, dtype, mode, variant, monkeypatch)
             kw, xa, bound_scale = {}, x, 1
             if mode == "normed":
                 nw = torch.rand(k, generator=gen) + 0.5
-                kw, xa, bound_scale = {"norm": nw.to(dev), "eps": 1e-5}, normed_input(x, nw, 1e-5), 2
+                kw = {"norm": nw.to(dev), "eps": 1e-5}
+                xa, bound_scale = normed_input(x, nw, 1e-5), 2
             elif mode == "gated":
                 u = torch.randn(k, generator=gen)
                 kw, xa = {"up": u.to(dev), "act": "silu"}, ref_ops.gated_input(x, u, "silu")
@@ -1001,8 +1002,8 @@ def test_attention_decode_split_replays_in_a_graph(gen, group):
     replayed at device-side positions that take 1, 2, 3 and 4 ranges (grouped: 3 and 4, and 1
     at 101 keys): each replay's output is bit for bit that of a direct launch at that position
     with its own fresh workspace, and equals the unsplit launch bit for bit where one range
-    covers every key (fewer than two ranges' minimum). So the tickets reset themselves between launches and nothing depends on the
-    capture-time position."""
+    covers every key (fewer than two ranges' minimum). So the tickets reset themselves between
+    launches and nothing depends on the capture-time position."""
     nh, nkv, dk, L = 8, 2, 64, 1100
     dev = torch.device("cuda")
     width = nh * dk + 2 * nkv * dk

@@ -78,9 +78,10 @@
  *   head (1 to 64; 1 is sparsify_attention_decode_ex). At a position with V visible keys the
  *   launch cuts them into nsplit = max(1, min(splits, floor(V / M))) consecutive ranges of at
  *   least M keys, M = 256 (SPARSIFY_ATTN_SPLIT_KEYS overrides it at launch time, for
- *   benchmarks; never below splits; sparsify_attention_split_keys tells it), one block per head and range; each block keeps its
- *   range's softmax maximum, denominator and unnormalised value sum in `workspace`, and the
- *   last block of the head to arrive rescales them to the common maximum and adds them in
+ *   benchmarks; never below splits; sparsify_attention_split_keys tells it), one block per
+ *   head and range; each block keeps its range's softmax maximum, denominator and
+ *   unnormalised value sum in `workspace`, and the last block of the head to arrive rescales
+ *   them to the common maximum and adds them in
  *   range order (deterministic). Below 2 * M keys (nsplit = 1) the result is bit for bit that
  *   of the unsplit launch and the other blocks leave at once; beyond, the work of a head
  *   spreads over nsplit multiprocessors instead of one. A choice that fills the device without
