@@ -10,7 +10,9 @@ wave: 4), every block resident:
   and waiting for the previous grid with `griddepcontrol.wait` (the decode step's launches);
 - `plain`: the same graph without programmatic dependent launch;
 - `barrier`: one persistent kernel that runs all P phases, with a software grid barrier
-  (an acquire-release counter and a generation flag) between them.
+  (an acquire-release counter and a generation flag) between them;
+- `counter`: the same with a counting barrier (each block adds one without awaiting a reply
+  and waits for the count of all blocks; one L2 trip fewer).
 It checks that every value counts every phase that ran (a phase that read too early would
 leave one behind), and records µs per phase (the median of `--repeats` timings of `--reps`
 graph replays each) with the device, versions and grid.
@@ -29,7 +31,7 @@ from pathlib import Path
 from sparsify.bench import write_json_atomic
 
 SOURCE = Path(__file__).with_name("boundary_cost.cu")
-MODES = {"pdl": 0, "plain": 1, "barrier": 2}
+MODES = {"pdl": 0, "plain": 1, "barrier": 2, "counter": 3}
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
@@ -86,7 +88,7 @@ def main() -> None:
             for mode, code in MODES.items():
                 a = torch.zeros(blocks, device=dev)
                 b = torch.zeros(blocks, device=dev)
-                bar = torch.zeros(2, dtype=torch.int32, device=dev)
+                bar = torch.zeros(4, dtype=torch.int32, device=dev)
                 times, ran = [], 0
                 for _ in range(args.repeats):
                     us = ctypes.c_float()

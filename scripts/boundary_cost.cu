@@ -73,11 +73,36 @@ __device__ __forceinline__ void grid_barrier(unsigned *count, unsigned *generati
   __syncthreads();
 }
 
+// Counting grid barrier: every block adds one (a release reduction, no reply awaited) and
+// waits until the count reaches gridDim.x times the number of barriers passed so far. One L2
+// trip fewer than the generation flag; the count keeps growing (2^32 / gridDim.x barriers).
+__device__ __forceinline__ void grid_barrier_count(unsigned *count, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
+    while (load_acquire(count) < target) {
+    }
+  }
+  __syncthreads();
+}
+
+// COUNT: the counting barrier; else the generation flag. bar[2] is the counting barrier's
+// count, carried from one launch to the next in bar[3] (read at the start, advanced at the end
+// by block 0 after the last barrier, when every block has read it).
+template <bool COUNT>
 __global__ void __launch_bounds__(kThreads) persistent_kernel(float *a, float *b, int phases,
                                                               unsigned *bar) {
+  const unsigned base = COUNT ? bar[3] : 0u;
   for (int i = 0; i < phases; ++i) {
     phase_work(i % 2 ? b : a, i % 2 ? a : b);
-    grid_barrier(bar, bar + 1);
+    if constexpr (COUNT) {
+      grid_barrier_count(bar + 2, base + gridDim.x * static_cast<unsigned>(i + 1));
+    } else {
+      grid_barrier(bar, bar + 1);
+    }
+  }
+  if (COUNT && blockIdx.x == 0 && threadIdx.x == 0) {
+    bar[3] = base + gridDim.x * static_cast<unsigned>(phases);
   }
 }
 
@@ -90,7 +115,8 @@ int boundary_resident_blocks() {
   int dev = 0, sms = 0, per_sm = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return -1;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return -1;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, kThreads, 0) !=
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel<false>, kThreads,
+                                                    0) !=
       cudaSuccess) {
     return -1;
   }
@@ -100,7 +126,8 @@ int boundary_resident_blocks() {
 // Times `reps` graph replays after one warm-up and writes the mean time per phase, in
 // microseconds, to *us. mode 0: a graph of `phases` PDL launches of `blocks` blocks;
 // mode 1: the same graph without the PDL attribute; mode 2: one persistent launch of `phases`
-// phases. a, b: float buffers of >= blocks; bar: two zeroed unsigned ints.
+// phases with the generation-flag barrier; mode 3: the same with the counting barrier.
+// a, b: float buffers of >= blocks; bar: four zeroed unsigned ints.
 int boundary_time(int mode, int blocks, int phases, int reps, float *a, float *b, unsigned *bar,
                   float *us) {
   cudaStream_t s;
@@ -109,7 +136,7 @@ int boundary_time(int mode, int blocks, int phases, int reps, float *a, float *b
   cudaGraphExec_t exec = nullptr;
   int rc = 0;
   if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) rc = 2;
-  for (int i = 0; rc == 0 && (mode == 2 ? i < 1 : i < phases); ++i) {
+  for (int i = 0; rc == 0 && (mode >= 2 ? i < 1 : i < phases); ++i) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(blocks);
     cfg.blockDim = dim3(kThreads);
@@ -121,7 +148,9 @@ int boundary_time(int mode, int blocks, int phases, int reps, float *a, float *b
     cfg.numAttrs = mode == 0 ? 1 : 0;
     cudaError_t e;
     if (mode == 2) {
-      e = cudaLaunchKernelEx(&cfg, persistent_kernel, a, b, phases, bar);
+      e = cudaLaunchKernelEx(&cfg, persistent_kernel<false>, a, b, phases, bar);
+    } else if (mode == 3) {
+      e = cudaLaunchKernelEx(&cfg, persistent_kernel<true>, a, b, phases, bar);
     } else {
       const float *src = i % 2 ? b : a;
       float *dst = i % 2 ? a : b;
