@@ -29,12 +29,14 @@ import tempfile
 from pathlib import Path
 
 from sparsify.bench import write_json_atomic
+from sparsify.engine_cuda import device_info
 
 SOURCE = Path(__file__).with_name("boundary_cost.cu")
 MODES = {"pdl": 0, "plain": 1, "barrier": 2, "counter": 3}
 
 
-def build(out_dir: Path) -> ctypes.CDLL:
+def build(out_dir: Path) -> tuple[ctypes.CDLL, str]:
+    """The built library, and nvcc's version line."""
     import torch
     from sparsify_kernels import cuda as kc
 
@@ -50,7 +52,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
     so = ctypes.CDLL(str(lib))
     so.boundary_time.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [
         ctypes.POINTER(ctypes.c_float)]
-    return so
+    return so, kc.nvcc_version(nvcc).splitlines()[-1]
 
 
 def main() -> None:
@@ -71,12 +73,11 @@ def main() -> None:
                          "between two buffers, and each replay starts on the first)")
 
     import torch
-    from sparsify_kernels import cuda as kc
 
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device")
     with tempfile.TemporaryDirectory() as tmp:
-        so = build(Path(tmp))
+        so, nvcc_version = build(Path(tmp))
         resident = so.boundary_resident_blocks()
         if resident <= 0:
             raise SystemExit("error: occupancy query failed")
@@ -99,8 +100,8 @@ def main() -> None:
                     times.append(us.value)
                     ran += (args.reps + 1) * phases  # the warm-up replay too
                 torch.cuda.synchronize()
-                last = a  # phase i writes b when i is even, so an even count ends on a
-                counted = torch.unique(last).tolist()
+                # phase i writes b when i is even, so an even count ends on a
+                counted = torch.unique(a).tolist()
                 if counted != [float(ran)]:
                     raise SystemExit(f"error: {mode}: values {counted[:4]} after {ran} phases")
                 row = {"mode": mode, "phases": phases, "us_per_phase": statistics.median(times),
@@ -108,12 +109,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{mode:8s} {phases:4d} phases: {row['us_per_phase']:.3f} us per phase",
                       file=sys.stderr)
-        props = torch.cuda.get_device_properties(dev)
-        nvcc = kc.find_nvcc()
-        rec = {"kind": "grid_dependency_cost", "device": torch.cuda.get_device_name(dev),
-               "sm_count": props.multi_processor_count, "torch": torch.__version__,
-               "cuda": torch.version.cuda,
-               "nvcc": kc.nvcc_version(nvcc).splitlines()[-1] if nvcc else None,
+        rec = {"kind": "grid_dependency_cost", **device_info(dev), "sm_count": sms,
+               "torch": torch.__version__, "nvcc": nvcc_version,
                "blocks": blocks, "blocks_per_sm": blocks // sms, "threads": 256,
                "reps": args.reps, "repeats": args.repeats,
                "method": "CUDA events around --reps graph replays after one warm-up; µs per "
