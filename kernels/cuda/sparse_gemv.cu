@@ -849,6 +849,189 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<W, VEC>) gemv_kernel(cons
   }
 }
 
+// ---- narrow tiles (variants 19 and 20) --------------------------------------------------------
+//
+// One block per tile of TW = LPR * VEC columns holds all of K, so there is no split-K: no
+// partial sums, no ticket, no second block reading them back. The price is that every block
+// compacts the whole of x itself (the resident blocks of a multiprocessor read the same x, so
+// most of those reads are L1 hits) and that a row's share of a tile is LPR * 16 bytes (64 bytes
+// at LPR 4, two DRAM sectors) instead of 512. A warp instruction covers 32 / LPR rows: lane l
+// reads row (l / LPR) of its group at columns (l % LPR) * VEC.
+//   1. Compaction: warp w owns rows [w R, (w + 1) R) of K (R a multiple of 32, at most
+//      kNarrowRounds rounds of 32), loads them all at once, counts its kept rows by ballot, and
+//      after one barrier writes them in K order at the offset the lower warps leave, so the
+//      block's list is all kept rows in K order.
+//   2. Streaming: warp w takes groups w, w + kW, ... of 32 / LPR consecutive list entries, two
+//      batches of four 16-byte loads per lane in flight as in the default launch.
+//   3. Reduction: lanes of one column (l % LPR equal) by butterfly, then warps in index order
+//      through shared memory; the block writes its TW outputs.
+// The list (K ints, then K floats) is dynamic shared memory; the host picks the block size
+// (NT threads) so that one block per tile fits one wave of resident blocks.
+constexpr int kNarrowRounds = 16;
+
+template <int W> constexpr int kNarrowRegThreads = (W == kI8) ? 512 : 1024;
+
+template <int W, int VEC, int LPR, int NT>
+__global__ void __launch_bounds__(NT, kNarrowRegThreads<W> / NT) narrow_kernel(const Params p) {
+  constexpr int kW = NT / 32;
+  constexpr int TW = LPR * VEC;
+  constexpr int RPI = 32 / LPR;   // rows (list entries) per warp instruction
+  constexpr int U = 4;            // loads per lane per batch
+  constexpr int kStep = kW * U * RPI;  // list entries per batch over the block
+  constexpr int kBytes = Elem<W>::kBytes;
+  extern __shared__ __align__(16) unsigned char narrow_list[];
+  int *idx = reinterpret_cast<int *>(narrow_list);
+  float *xv = reinterpret_cast<float *>(narrow_list) + p.k;
+  __shared__ int wcount[kW];
+  __shared__ __align__(16) float red[kW][TW];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int tile = blockIdx.x;
+  Seg sg = p.seg[0];
+#pragma unroll
+  for (int i = 1; i < kMaxSegs; ++i) {
+    if (i < p.nseg && tile >= p.seg[i].tile0) sg = p.seg[i];
+  }
+  const int ltile = tile - sg.tile0;
+  const int col = ltile * TW + (lane % LPR) * VEC;
+  const bool col_ok = col < sg.n;
+  const char *wcol = sg.w + static_cast<size_t>(col) * kBytes;
+  const size_t row_bytes = static_cast<size_t>(sg.n) * kBytes;
+  const int group = col / kGroup;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+  const float thr = __ldg(sg.threshold);
+
+  // 1. compaction
+  const int per_warp = static_cast<int>(round_up(ceil_div(p.k, kW), 32));
+  const int base = warp * per_warp;
+  float xr[kNarrowRounds];
+#pragma unroll
+  for (int r = 0; r < kNarrowRounds; ++r) {
+    const int i = base + r * 32 + lane;
+    xr[r] = (r * 32 < per_warp && i < p.k) ? __ldg(p.x + i) : 0.0f;
+  }
+  unsigned mask = 0u;
+  int cnt = 0;
+#pragma unroll
+  for (int h = 0; h < kNarrowRounds; h += 8) {
+    float ur[8];
+    float fr[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = base + (h + q) * 32 + lane;
+      const bool in = (h + q) * 32 < per_warp && i < p.k;
+      ur[q] = (in && p.x_up != nullptr) ? __ldg(p.x_up + i) : 0.0f;
+      fr[q] = (in && sg.factor != nullptr) ? __ldg(sg.factor + i) : 1.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int r = h + q;
+      if (r * 32 >= per_warp) break;  // warp-uniform
+      const int i = base + r * 32 + lane;
+      bool keep = false;
+      if (i < p.k) xr[r] = kept_input<false>(p, sg, thr, 1.0f, xr[r], ur[q], fr[q], &keep);
+      cnt += __popc(__ballot_sync(0xffffffffu, keep));
+      mask |= keep ? (1u << r) : 0u;
+    }
+  }
+  if (lane == 0) wcount[warp] = cnt;
+  __syncthreads();
+  int off = 0;
+  int nact = 0;
+#pragma unroll
+  for (int w = 0; w < kW; ++w) {
+    const int c = wcount[w];
+    off += (w < warp) ? c : 0;
+    nact += c;
+  }
+#pragma unroll
+  for (int r = 0; r < kNarrowRounds; ++r) {
+    if (r * 32 >= per_warp) break;
+    const bool keep = (mask >> r) & 1u;
+    const unsigned b = __ballot_sync(0xffffffffu, keep);
+    if (keep) {
+      const int pos = off + __popc(b & ((1u << lane) - 1u));
+      idx[pos] = base + r * 32 + lane;
+      xv[pos] = xr[r];
+    }
+    off += __popc(b);
+  }
+  __syncthreads();
+
+  // 2. streaming: entry e0 + sub of each group, e0 warp-uniform
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+  const int sub = lane / LPR;
+  auto issue = [&](Frag<W, VEC>(&f)[U], float(&xs)[U], int e0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + u * kW * RPI + sub;
+      const bool valid = e < nact && col_ok;
+      const int ee = min(e, nact - 1);
+      const int r = idx[ee];
+      f[u].template load<true>(wcol + static_cast<size_t>(r) * row_bytes, valid);
+      float s = xv[ee];
+      if (W == kI8) s *= load_f32(sg.scales + static_cast<size_t>(r) * sg.n_groups + group, valid);
+      xs[u] = s;
+    }
+  };
+  auto consume = [&](const Frag<W, VEC>(&f)[U], const float(&xs)[U], int e0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (e0 + u * kW * RPI + sub < nact) {
+        float v[VEC];
+        f[u].decode(v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] = fmaf(v[i], xs[u], acc[i]);
+      }
+    }
+  };
+  if (nact > 0) {  // block-uniform
+    Frag<W, VEC> fa[U];
+    Frag<W, VEC> fb[U];
+    float xa[U];
+    float xb[U];
+    int e0 = warp * RPI;
+    issue(fa, xa, e0);
+    while (true) {
+      issue(fb, xb, e0 + kStep);
+      consume(fa, xa, e0);
+      e0 += kStep;
+      if (e0 >= nact) break;
+      issue(fa, xa, e0 + kStep);
+      consume(fb, xb, e0);
+      e0 += kStep;
+      if (e0 >= nact) break;
+    }
+  }
+
+  // 3. lanes of one column, then warps in index order
+#pragma unroll
+  for (int o = LPR; o < 32; o <<= 1) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+  }
+  if (lane < LPR) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) red[warp][lane * VEC + i] = acc[i];
+  }
+  __syncthreads();
+  for (int c = tid; c < TW; c += NT) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) s += red[w][c];
+    const int n = ltile * TW + c;
+    if (n < sg.n) sg.y[n] = p.accumulate ? sg.y[n] + s : s;
+  }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 cudaError_t device_sms(int *sms) {
@@ -902,6 +1085,7 @@ struct Args {
   int *plan;       // non-null: store the launch's split count here and launch nothing
   bool any_fit;    // balanced splits even if their clusters are not all resident at once
   bool bare_cluster;  // launch in the clusters of balanced splits without balancing (timing)
+  int *narrow;  // non-null: store a narrow launch's block size here and launch nothing
 };
 
 // Blocks per cluster for balanced splits: the largest divisor of `splits` up to the portable
@@ -1074,6 +1258,108 @@ cudaError_t launch(const Args &a) {
   return cudaGetLastError();
 }
 
+// Narrow-tile launch (variants 19 and 20) with NT threads per block: done = false, and nothing
+// launched, when a warp's share of K exceeds the rounds it compacts in registers, the list does
+// not fit shared memory, or one block per tile is more than one wave of resident blocks.
+template <int W, int VEC, int LPR, int NT>
+cudaError_t launch_narrow_nt(const Args &a, const Params &p, int tiles, int sms, bool *done) {
+  auto kernel = narrow_kernel<W, VEC, LPR, NT>;
+  constexpr int kW = NT / 32;
+  *done = false;
+  if (ceil_div(a.k, kW) > kNarrowRounds * 32) return cudaSuccess;
+  const size_t smem = static_cast<size_t>(a.k) * 8;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int limit = 0;
+  err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  cudaFuncAttributes fa;
+  err = cudaFuncGetAttributes(&fa, kernel);
+  if (err != cudaSuccess) return err;
+  if (smem + fa.sharedSizeBytes > static_cast<size_t>(limit)) return cudaSuccess;
+  if (smem > 48 * 1024) {
+    // Past 48 KB a block must opt in; raising the limit is idempotent and not a stream op.
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      return err;
+    }
+  }
+  int occ = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, NT, smem);
+  if (err != cudaSuccess) return err;
+  if (occ < 1 || tiles > sms * occ) return cudaSuccess;
+  *done = true;
+  if (a.narrow != nullptr) {
+    *a.narrow = NT;
+    return cudaSuccess;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(tiles);
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// Narrow tiles of LPR lanes per row, for plain and gated inputs written whole (no normed input,
+// partial input rows or partial outputs: those keep the default launch, as does a tile count
+// short of three quarters of the multiprocessors, where most of them would idle). The largest
+// block that fits one wave is taken, so narrow outputs get more warps per block. With
+// a.narrow set, stores the block size that would run and launches nothing; a split-count
+// query (a.plan) is the default launch's.
+template <int W, int VEC, int LPR>
+cudaError_t launch_narrow(const Args &a, bool *done) {
+  constexpr int TW = LPR * VEC;
+  *done = false;
+  if (a.plan != nullptr || a.y_parts != 0 || a.x_parts > 1 || a.norm_w != nullptr) {
+    return cudaSuccess;
+  }
+  Params p = {};
+  int tiles = 0;
+  for (int i = 0; i < kMaxSegs; ++i) {
+    Seg &d = p.seg[i];
+    const sparsify_gemv_segment &s = a.seg[i < a.nseg ? i : 0];
+    d.w = static_cast<const char *>(s.w);
+    d.scales = s.scales;
+    d.factor = s.factor;
+    d.threshold = s.threshold;
+    d.y = s.y;
+    d.n = s.n;
+    d.n_groups = ceil_div(s.n, kGroup);
+    d.tile0 = tiles;
+    if (i < a.nseg) tiles += ceil_div(s.n, TW);
+  }
+  for (int i = a.nseg; i < kMaxSegs; ++i) p.seg[i].tile0 = tiles;
+  p.nseg = a.nseg;
+  p.x = a.x;
+  p.x_up = a.x_up;
+  p.act = a.act;
+  p.accumulate = a.accumulate;
+  p.k = a.k;
+  p.wait = 1;
+  int sms = 0;
+  cudaError_t err = device_sms(&sms);
+  if (err != cudaSuccess) return err;
+  if (4 * tiles < 3 * sms) return cudaSuccess;
+  if constexpr (W != kI8) {
+    err = launch_narrow_nt<W, VEC, LPR, 1024>(a, p, tiles, sms, done);
+    if (err != cudaSuccess || *done) return err;
+  }
+  err = launch_narrow_nt<W, VEC, LPR, 512>(a, p, tiles, sms, done);
+  if (err != cudaSuccess || *done) return err;
+  return launch_narrow_nt<W, VEC, LPR, 256>(a, p, tiles, sms, done);
+}
+
 bool aligned(const void *p, size_t b) { return reinterpret_cast<uintptr_t>(p) % b == 0; }
 
 template <int W>
@@ -1210,6 +1496,14 @@ cudaError_t dispatch(const Args &a, int variant) {
       if (major < 9) return cudaErrorNotSupported;
       return launch<W, VEC, 4, true, kTicket, true, true>(b);
     case 18: return launch<W, VEC, 4, true, kTicket, true, true, false, false, false, true>(b);
+    case 19:
+    case 20: {
+      bool done = false;
+      const cudaError_t e = variant == 19 ? launch_narrow<W, VEC, 4>(b, &done)
+                                          : launch_narrow<W, VEC, 8>(b, &done);
+      if (e != cudaSuccess || done) return e;
+      return launch<W, VEC, 4, true, kTicket, true, true>(b);
+    }
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1340,6 +1634,33 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
                              void *workspace, size_t workspace_bytes, cudaStream_t stream) {
   return sparsify_gemv_tuned(SPARSIFY_GEMV_I8, w, scales, x, factor, threshold, y, k, n,
                              workspace, workspace_bytes, 0, 0, stream);
+}
+
+cudaError_t sparsify_gemv_narrow_block(int wtype, int k, int n, int variant, int *threads) {
+  if (threads == nullptr || k <= 0 || n <= 0 || (variant != 19 && variant != 20)) {
+    return cudaErrorInvalidValue;
+  }
+  *threads = 0;
+  Args a = {};
+  a.seg[0].n = n;
+  a.nseg = 1;
+  a.k = k;
+  a.narrow = threads;
+  bool done = false;
+  const int lpr = variant == 19 ? 4 : 8;
+  switch (wtype) {
+    case SPARSIFY_GEMV_F16:
+      if (n % 8 != 0) return cudaSuccess;
+      return lpr == 4 ? launch_narrow<kF16, 8, 4>(a, &done) : launch_narrow<kF16, 8, 8>(a, &done);
+    case SPARSIFY_GEMV_BF16:
+      if (n % 8 != 0) return cudaSuccess;
+      return lpr == 4 ? launch_narrow<kBF16, 8, 4>(a, &done)
+                      : launch_narrow<kBF16, 8, 8>(a, &done);
+    case SPARSIFY_GEMV_I8:
+      if (n % 16 != 0) return cudaSuccess;
+      return lpr == 4 ? launch_narrow<kI8, 16, 4>(a, &done) : launch_narrow<kI8, 16, 8>(a, &done);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 const char *sparsify_gemv_error_string(cudaError_t err) { return cudaGetErrorString(err); }
