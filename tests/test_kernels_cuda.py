@@ -223,7 +223,7 @@ def test_nan_policy(gen, dtype):
 
 @on_gpu
 @pytest.mark.parametrize("variant", [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
-                                     18, 19, 20])
+                                     18])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_variants_agree(gen, dtype, variant):
     if variant in kc.SM90_VARIANTS and torch.cuda.get_device_capability()[0] < 9:
@@ -338,81 +338,20 @@ def test_balanced_splits_match_reference(gen, dtype, mode, variant, monkeypatch)
                 check(run(w, x, t, scales=sc, **kw), ref, bound)
 
 
-def narrow_width(dtype, variant: int) -> int:
-    """Columns per tile of a narrow-tile variant: 4 or 8 lanes of 16 bytes."""
-    return (4 if variant == 19 else 8) * (16 if dtype is torch.int8 else 8)
-
-
-@on_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variant", kc.NARROW_VARIANTS)
-def test_narrow_tiles_match_reference(gen, dtype, variant, monkeypatch):
-    # Variants 19 and 20: one block per tile over all of K, no split-K. Shapes are cut from the
-    # device's multiprocessor count so that the narrow launch runs (one tile per SM with the
-    # largest block; three per SM with the smallest), both with a short last tile, and one shape
-    # too narrow for it (the default launch). Kept rows spread out, crowded into one warp's
-    # rows of K, a sparse comb, none at all; plain, weight-aware, gated, accumulating; a NaN.
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    tw = narrow_width(dtype, variant)
-    step = 16 if dtype is torch.int8 else 8
-    cases = [(1537, sms * tw - step), (4096, sms * tw - step), (1537, 3 * sms * tw + step),
-             (4096, sms * tw // 2)]
-    monkeypatch.setenv("SPARSIFY_GEMV_VARIANT", str(variant))
-    narrow_seen = 0
-    for k, n in cases:
-        threads = kc.narrow_block(k, n, dtype, variant)
-        if n == sms * tw // 2:
-            assert threads == 0, "a grid of half the multiprocessors must take the default"
-        narrow_seen += threads > 0
-        w, sc = make_weights(gen, k, n, dtype)
-        wd, scd = w.to(dev), None if sc is None else sc.to(dev)
-        for where, sparsity in (("spread", 0.0), ("spread", 0.5), ("head", 1 - 500 / k),
-                                ("tail", 1 - 300 / k), ("comb", 1 - 10 / k), ("spread", 1.0)):
-            x = torch.randn(k, generator=gen) if where == "spread" else skewed_input(gen, k, where)
-            t = threshold_mid(x.abs(), sparsity)
-            y = run(w, x, t, scales=sc, variant=variant)
-            check(y, reference(w, x, t, scales=sc), abs_bound(w, x, t, scales=sc))
-            assert torch.equal(run(w, x, t, scales=sc, variant=variant), y)  # a fixed order
-        x = torch.randn(k, generator=gen)
-        factor = torch.rand(k, generator=gen) * 4
-        t = threshold_mid(x.abs() * factor, 0.6)
-        check(run(w, x, t, factor=factor, scales=sc, variant=variant),
-              reference(w, x, t, factor, sc), abs_bound(w, x, t, factor, sc))
-        u = torch.randn(k, generator=gen)
-        xa = ref_ops.gated_input(x, u, "silu")
-        t = threshold_mid(xa.abs(), 0.5)
-        out = torch.full((n,), float("nan"), device=dev)
-        kc.sparse_gemv_group([wd], x.to(dev), [t], [out], scales=[scd], up=u.to(dev),
-                             act="silu")
-        check(out, reference(w, xa, t, scales=sc), abs_bound(w, xa, t, scales=sc))
-        y0 = torch.randn(n, generator=gen)
-        t = threshold_mid(x.abs(), 0.5)
-        out = y0.to(dev)
-        kc.sparse_gemv(wd, x.to(dev), t, scales=scd, out=out, accumulate=True)
-        ref = reference(w, x, t, scales=sc)
-        check(out, ref + y0.double(), abs_bound(w, x, t, scales=sc) + U32 * (ref.abs() + y0.abs()))
-        xn = x.clone()
-        xn[k // 2] = float("nan")  # kept, so every output is NaN
-        assert bool(torch.isnan(run(w, xn, t, scales=sc, variant=variant)).all())
-    assert narrow_seen >= 2, "the narrow launch did not run on the shapes made for it"
-
-
 @on_gpu
 def test_deterministic(gen):
     k, n = 14336, 1024
     w, _ = make_weights(gen, k, n, torch.float16)
     x = torch.randn(k, generator=gen)
     t = threshold_for(x.abs(), 0.4)
-    variants = (0, 14, 18) if torch.cuda.get_device_capability()[0] >= 9 else (0, 18)
-    for variant in variants + kc.NARROW_VARIANTS:
+    for variant in (0, 14, 18) if torch.cuda.get_device_capability()[0] >= 9 else (0, 18):
         first = run(w, x, t, variant=variant)
         for _ in range(3):
             assert torch.equal(run(w, x, t, variant=variant), first)
 
 
 @on_gpu
-@pytest.mark.parametrize("variant", [0, 3, 10, 13, 14, 18, 19, 20])
+@pytest.mark.parametrize("variant", [0, 3, 10, 13, 14, 18])
 def test_back_to_back_launches_respect_dependencies(gen, variant):
     # Each step reads the previous step's output and overwrites the buffer the previous step
     # read (read-after-write and write-after-read across kernels). Launched back to back with no
@@ -422,10 +361,6 @@ def test_back_to_back_launches_respect_dependencies(gen, variant):
         pytest.skip("thread-block clusters need compute capability 9.0")
     dev = torch.device("cuda")
     k = 2048
-    if variant in kc.NARROW_VARIANTS:  # one narrow tile per multiprocessor
-        k = torch.cuda.get_device_properties(dev).multi_processor_count * narrow_width(
-            torch.float16, variant)
-        assert kc.narrow_block(k, k, torch.float16, variant) > 0
     w = (torch.randn(k, k, generator=gen) / math.sqrt(k)).half().to(dev)
     x0 = torch.randn(k, generator=gen).to(dev)
     t = torch.tensor([0.5], device=dev)

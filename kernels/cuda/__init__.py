@@ -204,8 +204,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     # blocks_per_sm, stream
     lib.sparsify_gemv_tuned.argtypes = [i, p, p, p, p, p, p, i, i, p, z, i, i, p]
     lib.sparsify_gemv_tuned.restype = i
-    lib.sparsify_gemv_narrow_block.argtypes = [i, i, i, i, ctypes.POINTER(ctypes.c_int)]
-    lib.sparsify_gemv_narrow_block.restype = i
     lib.sparsify_gemv_error_string.argtypes = [i]
     lib.sparsify_gemv_error_string.restype = ctypes.c_char_p
     return lib
@@ -579,26 +577,6 @@ def _splits(ws: list[torch.Tensor], inp: _Input, k: int, dev: torch.device) -> i
         rc = lib.sparsify_gemv_group_splits(_WTYPE[ws[0].dtype], segs, len(ws),
                                             ctypes.byref(inp), k, ctypes.byref(out))
     _raise_on(rc, f"sparsify_gemv_group_splits (K={k})")
-    return int(out.value)
-
-
-NARROW_VARIANTS = (19, 20)
-"""Launch variants with narrow tiles and no split-K (see sparse_gemv.h)."""
-
-
-def narrow_block(k: int, n: int, dtype: torch.dtype, variant: int,
-                 device: torch.device | int | str | None = None) -> int:
-    """Threads per block of the narrow-tile launch ``variant`` (19 or 20) for a plain (K, N)
-    call of ``dtype`` weights on ``device``, or 0 where that variant runs the default launch."""
-    _check(dtype in _WTYPE, f"weights must be float16, bfloat16 or int8, got {dtype}")
-    _check(variant in NARROW_VARIANTS, f"narrow variants are {NARROW_VARIANTS}, got {variant}")
-    out = ctypes.c_int(0)
-    dev = torch.device("cuda") if device is None else torch.device(device)
-    lib = load(dev)
-    with torch.cuda.device(dev):
-        rc = lib.sparsify_gemv_narrow_block(_WTYPE[dtype], int(k), int(n), int(variant),
-                                            ctypes.byref(out))
-    _raise_on(rc, f"sparsify_gemv_narrow_block (K={k}, N={n})")
     return int(out.value)
 
 

@@ -113,14 +113,8 @@ cudaError_t sparsify_gemv_i8(const int8_t *w, const float *scales, const float *
  * default launched in variant 14's clusters, without balancing (the cost of clusters); 18
  * globally balanced splits: every block evaluates the criterion for all K inputs of its segment
  * and streams split s's equal share of the whole kept list (for K <= 8192 and plain, gated or
- * normed inputs; the default launch otherwise); 19 and 20 narrow tiles without split-K: one
- * block per tile of 4 (19) or 8 (20) lanes' 16 bytes of each row (32 or 64 fp16 columns), each
- * block compacting all of x, its outputs summed inside the block (plain and gated inputs
- * written whole, where one block per tile fits one wave of resident blocks and fills at least
- * three quarters of the multiprocessors, and K / (block's warps) <= 512; the default launch
- * otherwise; sparsify_gemv_narrow_block says which). Every variant computes the same
- * function; 3, 19 and 20 sum in another fixed order, and 14-16 and 18 cut the splits by kept
- * count. For
+ * normed inputs; the default launch otherwise). Every variant computes the same function; 3
+ * sums the splits in another fixed order, and 14-16 and 18 cut them by kept count. For
  * benchmarks, the environment variable SPARSIFY_GEMV_VARIANT=N (read at each launch) makes
  * every default launch (variant 0, the plain and grouped entry points too) run variant N.
  * blocks_per_sm: cap on resident blocks per multiprocessor used to size the grid (0 = occupancy;
@@ -241,12 +235,6 @@ cudaError_t sparsify_gemv_group_ex(int wtype, const sparsify_gemv_segment *segs,
  */
 cudaError_t sparsify_gemv_group_splits(int wtype, const sparsify_gemv_segment *segs, int nseg,
                                        const sparsify_gemv_input *in, int k, int *splits);
-
-/*
- * Threads per block of the narrow-tile launch variant (19 or 20) would run for a plain (K, N)
- * call on the current device, or 0 where it takes the default launch. Launches nothing.
- */
-cudaError_t sparsify_gemv_narrow_block(int wtype, int k, int n, int variant, int *threads);
 
 /* Human-readable text for an error code returned above. */
 const char *sparsify_gemv_error_string(cudaError_t err);
